@@ -1,0 +1,506 @@
+//! moat's kernel side. Each policy decision is made, and counted, in exactly one hook:
+//! - `from_endpoint` (TC ingress on an endpoint's host-side veth): the endpoint's egress policy,
+//!   and L7 steering of its redirected flows;
+//! - `to_endpoint` (TC egress on that veth): the endpoint's ingress policy;
+//! - `prefilter` (XDP on uplinks): the stateless source blocklist.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod policy;
+mod report;
+mod steer;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    maps::lpm_trie::Key,
+    programs::{TcContext, XdpContext},
+};
+use moat_common::{
+    Config, CtKey, CtValue, EndpointInfo, action, config_flags, ct_flags, direction, ep_flag,
+    ep_flags, event_kind, mark, reason, verdict,
+};
+
+use crate::{
+    maps::{CONNTRACK, ENDPOINTS, PREFILTER4, PREFILTER6, REVISION},
+    parse::{IPPROTO_TCP, Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    policy::{Decision, decide, peer_of},
+    report::{EventInfo, config, count, count_rule, emit, now_ns},
+};
+
+const NS: u64 = 1_000_000_000;
+
+#[classifier]
+pub fn from_endpoint(ctx: TcContext) -> i32 {
+    endpoint_hook(&ctx, direction::EGRESS)
+}
+
+#[classifier]
+pub fn to_endpoint(ctx: TcContext) -> i32 {
+    endpoint_hook(&ctx, direction::INGRESS)
+}
+
+/// What the hook knows while deciding, for counters and events.
+struct Ctx<'a> {
+    cfg: Config,
+    tc: &'a TcContext,
+    dir: u8,
+    ifindex: u32,
+    len: u32,
+    endpoint_id: u32,
+    identity: u32,
+}
+
+impl Ctx<'_> {
+    /// Count a verdict, emit an event of `kind` when asked, and return the TC action.
+    #[inline(always)]
+    fn finish(
+        &self,
+        pkt: &Packet,
+        peer_identity: u32,
+        verdict: u8,
+        reason: u8,
+        rule_id: u32,
+        event: Option<u8>,
+    ) -> i32 {
+        count(&self.cfg, self.dir, verdict, reason, rule_id, self.len);
+        if let Some(kind) = event {
+            self.event(pkt, peer_identity, kind, verdict, reason, rule_id, 0);
+        }
+        if verdict == verdict::DROPPED {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        pkt: &Packet,
+        peer_identity: u32,
+        kind: u8,
+        verdict: u8,
+        reason: u8,
+        rule_id: u32,
+        audit_rule_id: u32,
+    ) {
+        let (src_identity, dst_identity) = if self.dir == direction::INGRESS {
+            (peer_identity, self.identity)
+        } else {
+            (self.identity, peer_identity)
+        };
+        emit(
+            &self.cfg,
+            pkt,
+            &EventInfo {
+                kind,
+                direction: self.dir,
+                verdict,
+                reason,
+                src_identity,
+                dst_identity,
+                rule_id,
+                audit_rule_id,
+                endpoint_id: self.endpoint_id,
+                ifindex: self.ifindex,
+                packet_len: self.len,
+            },
+        );
+    }
+}
+
+#[inline(always)]
+fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let (ifindex, skb_mark) = unsafe { ((*tc.skb.skb).ifindex, (*tc.skb.skb).mark) };
+    let cfg = config();
+    // SAFETY: plain data, copied out at once.
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
+        // A program on an interface moat does not know: fail closed.
+        count(
+            &cfg,
+            dir,
+            verdict::DROPPED,
+            reason::NO_ENDPOINT,
+            0,
+            tc.len(),
+        );
+        return TC_ACT_SHOT;
+    };
+    let c = Ctx {
+        cfg,
+        tc,
+        dir,
+        ifindex,
+        len: tc.len(),
+        endpoint_id: ep.endpoint_id,
+        identity: ep.identity,
+    };
+    let enforced = ep.flags & ep_flag(ep_flags::POLICY, dir) != 0;
+    let pkt = match parse::parse(tc) {
+        Parsed::Packet(p) => p,
+        Parsed::Pass => return TC_ACT_OK,
+        Parsed::Malformed => return unparsable(&c, enforced, reason::MALFORMED),
+        Parsed::UnknownFragment => return unparsable(&c, enforced, reason::FRAGMENT),
+    };
+
+    // The conntrack key is the endpoint's view: local and remote. An ICMP error carries the
+    // packet it is about, which travelled the other way.
+    let key_dir = if pkt.icmp_error { dir ^ 1 } else { dir };
+    let (local, remote, local_port, remote_port) = if key_dir == direction::INGRESS {
+        (pkt.daddr, pkt.saddr, pkt.dport, pkt.sport)
+    } else {
+        (pkt.saddr, pkt.daddr, pkt.sport, pkt.dport)
+    };
+    let key = CtKey {
+        endpoint_id: ep.endpoint_id,
+        local_port,
+        remote_port,
+        protocol: pkt.protocol,
+        family: pkt.family,
+        _pad: [0; 2],
+        local,
+        remote,
+    };
+    let now = now_ns();
+
+    if pkt.icmp_error {
+        // SAFETY: plain data, copied out at once.
+        return match unsafe { CONNTRACK.get(key) } {
+            Some(e) if e.expires_ns > now && e.flags & ct_flags::DENIED == 0 => {
+                c.finish(&pkt, 0, verdict::FORWARDED, reason::RELATED, 0, None)
+            }
+            _ if enforced => c.finish(
+                &pkt,
+                0,
+                verdict::DROPPED,
+                reason::RELATED,
+                0,
+                Some(event_kind::DROP),
+            ),
+            _ => c.finish(&pkt, 0, verdict::FORWARDED, reason::NOT_ISOLATED, 0, None),
+        };
+    }
+
+    let revision = REVISION.get(0).copied().unwrap_or(0);
+    let tcp = pkt.protocol == IPPROTO_TCP;
+    // A SYN always opens a new flow under the current policy (also on port reuse).
+    let syn = tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let proxied = dir == direction::INGRESS && skb_mark & mark::MASK == mark::PROXY_UPSTREAM;
+
+    if !syn && let Some(e) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: LRU value pointer valid for this run; races with other CPUs only touch
+        // timestamps and flags of the same flow.
+        let e = unsafe { &mut *e };
+        if e.expires_ns > now {
+            return established(&c, &pkt, &ep, e, revision, now, proxied);
+        }
+    }
+
+    // A new flow.
+    let peer = peer_of(pkt.family, &remote);
+    let d = if proxied {
+        Decision::proxied()
+    } else {
+        decide(&ep, dir, &peer, &pkt)
+    };
+    if d.audit_differs() {
+        report_audit(&c, &pkt, peer.identity, &d);
+    }
+    let rule_verdict = if d.audit_differs() {
+        verdict::AUDIT
+    } else if d.action == action::DENY {
+        verdict::DROPPED
+    } else if d.action == action::REDIRECT {
+        verdict::REDIRECTED
+    } else {
+        verdict::FORWARDED
+    };
+    if d.action == action::DENY {
+        if rule_verdict == verdict::AUDIT {
+            count_rule_if(&c, d.rule_id, verdict::DROPPED);
+            return TC_ACT_SHOT;
+        }
+        return c.finish(
+            &pkt,
+            peer.identity,
+            verdict::DROPPED,
+            d.reason,
+            d.rule_id,
+            Some(event_kind::DROP),
+        );
+    }
+    if d.action == action::REDIRECT && !redirect(&c, &pkt, d.proxy_port) {
+        return c.finish(
+            &pkt,
+            peer.identity,
+            verdict::DROPPED,
+            reason::NO_PROXY,
+            d.rule_id,
+            Some(event_kind::DROP),
+        );
+    }
+    let timeout = if tcp {
+        c.cfg.ct_tcp_syn_timeout_s
+    } else {
+        c.cfg.ct_other_timeout_s
+    };
+    let entry = CtValue {
+        expires_ns: now + timeout as u64 * NS,
+        rule_id: d.rule_id,
+        revision,
+        proxy_port: d.proxy_port,
+        initiator: dir,
+        flags: if d.action == action::REDIRECT {
+            ct_flags::REDIRECT
+        } else {
+            0
+        },
+        _pad: 0,
+    };
+    let _ = CONNTRACK.insert(key, entry, 0);
+    if rule_verdict == verdict::AUDIT {
+        count_rule_if(&c, d.rule_id, verdict::FORWARDED);
+        return TC_ACT_OK;
+    }
+    c.finish(
+        &pkt,
+        peer.identity,
+        rule_verdict,
+        d.reason,
+        d.rule_id,
+        Some(event_kind::NEW_FLOW),
+    )
+}
+
+/// A malformed packet, or a fragment we cannot attribute: dropped where policy applies.
+#[inline(always)]
+fn unparsable(c: &Ctx, enforced: bool, why: u8) -> i32 {
+    let (v, r) = if enforced {
+        (verdict::DROPPED, why)
+    } else {
+        (verdict::FORWARDED, reason::NOT_ISOLATED)
+    };
+    count(&c.cfg, c.dir, v, r, 0, c.len);
+    if enforced {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+#[inline(always)]
+fn count_rule_if(c: &Ctx, rule_id: u32, verdict: u8) {
+    if rule_id != 0 && c.cfg.flags & config_flags::RULE_COUNTERS != 0 {
+        count_rule(rule_id, verdict, c.len);
+    }
+}
+
+/// Enforce and Enforce+Audit disagree: the packet takes the Enforce verdict and is counted and
+/// reported as AUDIT with the audit rule.
+#[inline(always)]
+fn report_audit(c: &Ctx, pkt: &Packet, peer_identity: u32, d: &Decision) {
+    count(
+        &c.cfg,
+        c.dir,
+        verdict::AUDIT,
+        d.reason,
+        d.audit_rule_id,
+        c.len,
+    );
+    c.event(
+        pkt,
+        peer_identity,
+        event_kind::AUDIT,
+        verdict::AUDIT,
+        d.reason,
+        d.rule_id,
+        d.audit_rule_id,
+    );
+}
+
+/// Steering happens where `bpf_sk_assign` works: TC ingress, i.e. `from_endpoint`. A flow
+/// that must be redirected but reaches `to_endpoint` without the proxy's mark bypassed the
+/// proxy and is dropped.
+#[inline(always)]
+fn redirect(c: &Ctx, pkt: &Packet, proxy_port: u16) -> bool {
+    c.dir == direction::EGRESS
+        && pkt.protocol == IPPROTO_TCP
+        && steer::to_proxy(c.tc, pkt, proxy_port).is_ok()
+}
+
+/// A packet of a tracked flow.
+#[inline(always)]
+fn established(
+    c: &Ctx,
+    pkt: &Packet,
+    ep: &EndpointInfo,
+    e: &mut CtValue,
+    revision: u32,
+    now: u64,
+    proxied: bool,
+) -> i32 {
+    let forward = e.initiator == c.dir;
+    if forward && e.revision != revision {
+        // Policy changed since the flow was admitted: look it up again (semantic rule 6).
+        let remote = if c.dir == direction::INGRESS {
+            &pkt.saddr
+        } else {
+            &pkt.daddr
+        };
+        let peer = peer_of(pkt.family, remote);
+        let d = if proxied {
+            Decision::proxied()
+        } else {
+            decide(ep, c.dir, &peer, pkt)
+        };
+        e.revision = revision;
+        e.rule_id = d.rule_id;
+        e.proxy_port = d.proxy_port;
+        if d.action == action::DENY {
+            e.flags |= ct_flags::DENIED;
+        } else {
+            e.flags &= !ct_flags::DENIED;
+        }
+        if d.action == action::REDIRECT {
+            e.flags |= ct_flags::REDIRECT;
+        } else {
+            e.flags &= !ct_flags::REDIRECT;
+        }
+        if e.flags & ct_flags::DENIED != 0 {
+            return c.finish(
+                pkt,
+                peer.identity,
+                verdict::DROPPED,
+                reason::REVOKED,
+                d.rule_id,
+                Some(event_kind::DROP),
+            );
+        }
+    }
+    if e.flags & ct_flags::DENIED != 0 {
+        // Replies follow the forward verdict.
+        return c.finish(pkt, 0, verdict::DROPPED, reason::REVOKED, e.rule_id, None);
+    }
+    if forward && e.flags & ct_flags::REDIRECT != 0 && !redirect(c, pkt, e.proxy_port) {
+        return c.finish(
+            pkt,
+            0,
+            verdict::DROPPED,
+            reason::NO_PROXY,
+            e.rule_id,
+            Some(event_kind::DROP),
+        );
+    }
+    refresh(&c.cfg, pkt, e, forward, now);
+    let (v, r) = if !forward {
+        (verdict::FORWARDED, reason::REPLY)
+    } else if e.flags & ct_flags::REDIRECT != 0 {
+        (verdict::REDIRECTED, reason::ESTABLISHED)
+    } else {
+        (verdict::FORWARDED, reason::ESTABLISHED)
+    };
+    c.finish(pkt, 0, v, r, e.rule_id, None)
+}
+
+/// Track TCP closing and push the expiry forward (written only when it moves by more than a
+/// second, or shrinks, to keep established packets from dirtying the entry's cache line).
+#[inline(always)]
+fn refresh(cfg: &Config, pkt: &Packet, e: &mut CtValue, forward: bool, now: u64) {
+    let mut flags = e.flags;
+    if !forward {
+        flags |= ct_flags::SEEN_REPLY;
+    }
+    let timeout = if pkt.protocol == IPPROTO_TCP {
+        if pkt.tcp_flags & TCP_RST != 0 {
+            flags |= ct_flags::FIN_INIT | ct_flags::FIN_REPLY;
+        } else if pkt.tcp_flags & TCP_FIN != 0 {
+            flags |= if forward {
+                ct_flags::FIN_INIT
+            } else {
+                ct_flags::FIN_REPLY
+            };
+        }
+        if flags & (ct_flags::FIN_INIT | ct_flags::FIN_REPLY)
+            == ct_flags::FIN_INIT | ct_flags::FIN_REPLY
+        {
+            cfg.ct_tcp_close_timeout_s
+        } else if flags & ct_flags::SEEN_REPLY != 0 {
+            cfg.ct_tcp_timeout_s
+        } else {
+            cfg.ct_tcp_syn_timeout_s
+        }
+    } else {
+        cfg.ct_other_timeout_s
+    };
+    let expires = now + timeout as u64 * NS;
+    if flags != e.flags || expires < e.expires_ns || expires > e.expires_ns + NS {
+        e.flags = flags;
+        e.expires_ns = expires;
+    }
+}
+
+/// XDP on node uplinks: drop sources on the prefilter blocklist before anything else. Stateless
+/// by design (replies from a listed source are dropped too).
+#[xdp]
+pub fn prefilter(ctx: XdpContext) -> u32 {
+    match prefilter_check(&ctx) {
+        Some(rule_id) => {
+            let cfg = config();
+            let len = (ctx.data_end() - ctx.data()) as u32;
+            count(
+                &cfg,
+                direction::INGRESS,
+                verdict::DROPPED,
+                reason::PREFILTER,
+                rule_id,
+                len,
+            );
+            xdp_action::XDP_DROP
+        }
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn prefilter_check(ctx: &XdpContext) -> Option<u32> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + parse::ETH_HLEN > end {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end before each read.
+    let proto = u16::from_be(unsafe { *((data + 12) as *const u16) });
+    match proto {
+        0x0800 => {
+            if data + parse::ETH_HLEN + 20 > end {
+                return None;
+            }
+            // SAFETY: as above; source address at offset 12 of the IPv4 header.
+            let saddr = unsafe { *((data + parse::ETH_HLEN + 12) as *const u32) };
+            PREFILTER4.get(Key::new(32, saddr)).copied()
+        }
+        0x86dd => {
+            if data + parse::ETH_HLEN + 40 > end {
+                return None;
+            }
+            // SAFETY: as above; source address at offset 8 of the IPv6 header.
+            let saddr = unsafe { *((data + parse::ETH_HLEN + 8) as *const [u32; 4]) };
+            PREFILTER6.get(Key::new(128, saddr)).copied()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
