@@ -286,11 +286,7 @@ fn unparsable(c: &Ctx, enforced: bool, why: u8) -> i32 {
         (verdict::FORWARDED, reason::NOT_ISOLATED)
     };
     count(&c.cfg, c.dir, v, r, 0, c.len);
-    if enforced {
-        TC_ACT_SHOT
-    } else {
-        TC_ACT_OK
-    }
+    if enforced { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 
 #[inline(always)]

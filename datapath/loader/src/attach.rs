@@ -28,10 +28,13 @@ fn attach_err<'a>(what: &'static str, ifname: &'a str) -> impl FnOnce(String) ->
 }
 
 impl Datapath {
+    /// `links/<hook>@<ifname>`. bpffs refuses names containing '.', which interface names
+    /// may have (VLANs: `eth0.100`), so '%' and '.' are percent-encoded.
     fn link_pin(&self, ifname: &str, hook: &str) -> PathBuf {
+        let ifname = ifname.replace('%', "%25").replace('.', "%2e");
         self.layout_dir
             .join("links")
-            .join(format!("{ifname}.{hook}"))
+            .join(format!("{hook}@{ifname}"))
     }
 
     /// Attach `from-endpoint` (TC ingress) and `to-endpoint` (TC egress) to an endpoint's
@@ -93,7 +96,7 @@ impl Datapath {
         }
         fd_link
             .pin(&pin)
-            .map_err(|e| attach_err("pinning link", ifname)(e.to_string()))?;
+            .map_err(|e| attach_err("pinning link", ifname)(format!("{}: {e:?}", pin.display())))?;
         Ok(())
     }
 
@@ -146,7 +149,7 @@ impl Datapath {
             })?;
         fd_link
             .pin(&pin)
-            .map_err(|e| attach_err("pinning link", ifname)(e.to_string()))?;
+            .map_err(|e| attach_err("pinning link", ifname)(format!("{}: {e:?}", pin.display())))?;
         Ok(())
     }
 
@@ -174,8 +177,9 @@ impl Datapath {
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let name = entry.map_err(io_err(&dir))?.file_name();
-            if let Some((ifname, hook)) = name.to_string_lossy().rsplit_once('.') {
-                out.push((ifname.to_owned(), hook.to_owned()));
+            if let Some((hook, ifname)) = name.to_string_lossy().split_once('@') {
+                let ifname = ifname.replace("%2e", ".").replace("%25", "%");
+                out.push((ifname, hook.to_owned()));
             }
         }
         out.sort();

@@ -178,6 +178,9 @@ impl Node {
                 &format!("{ip4}/32"),
                 "dev",
                 &host_if,
+                // The node talks to its pods from its own address (the host identity).
+                "src",
+                &format!("10.244.{subnet}.1"),
             ]);
             ip(&[
                 "-n",
