@@ -111,6 +111,15 @@ pub mod ep_flags {
     pub const ISOLATED: u32 = 1 << 2;
     /// Enforce + Audit policies would isolate it: an audit lookup miss denies.
     pub const AUDIT_ISOLATED: u32 = 1 << 4;
+    /// Hint: the rule set has no trie (wildcard or port-range) entries in this direction, so
+    /// a hash miss is final. Maintained by the loader, never by the compiler: it clears the
+    /// hint before the first such entry is written and sets it after the last is removed.
+    pub const NO_TRIE: u32 = 1 << 6;
+    /// Hint: the rule set has no any-peer entries in this direction. Maintained like
+    /// `NO_TRIE`.
+    pub const NO_ANY_PEER: u32 = 1 << 8;
+    /// The hint bits, which the loader owns.
+    pub const HINTS: u32 = (NO_TRIE | NO_ANY_PEER) * 0b11;
 }
 
 /// The flag `base` (from [`ep_flags`]) for `dir`.

@@ -2,7 +2,8 @@
 //! - `from_endpoint` (TC ingress on an endpoint's host-side veth): the endpoint's egress policy,
 //!   and L7 steering of its redirected flows;
 //! - `to_endpoint` (TC egress on that veth): the endpoint's ingress policy;
-//! - `prefilter` (XDP on uplinks): the stateless source blocklist.
+//! - `prefilter` (XDP on uplinks): the stateless source blocklist;
+//! - `floor` (never attached): an empty program, the baseline of `make bench-datapath`.
 #![no_std]
 #![no_main]
 
@@ -438,6 +439,12 @@ fn refresh(cfg: &Config, pkt: &Packet, e: &mut CtValue, forward: bool, now: u64)
         e.flags = flags;
         e.expires_ns = expires;
     }
+}
+
+/// Returns "ok" and does nothing else: the floor that benchmarks measure the hooks against.
+#[classifier]
+pub fn floor(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// XDP on node uplinks: drop sources on the prefilter blocklist before anything else. Stateless

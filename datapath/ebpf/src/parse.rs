@@ -100,6 +100,9 @@ struct L3 {
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
+    if let Some(pkt) = fast_ipv4(ctx) {
+        return Parsed::Packet(pkt);
+    }
     let Ok(proto) = ctx.load::<u16>(ETH_HLEN - 2) else {
         return Parsed::Malformed;
     };
@@ -183,6 +186,56 @@ fn parse_l4(ctx: &TcContext, l3: &L3, mut pkt: Packet) -> Parsed {
         _ => {}
     }
     Parsed::Packet(pkt)
+}
+
+/// The common case read straight from the linear packet data: unfragmented IPv4 without
+/// options carrying TCP or UDP, with the headers in the linear area. Anything else (and any
+/// doubt) goes the general way, through `bpf_skb_load_bytes`.
+#[inline(always)]
+fn fast_ipv4(ctx: &TcContext) -> Option<Packet> {
+    const IP: usize = ETH_HLEN;
+    const L4: usize = ETH_HLEN + 20;
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + L4 + 8 > end {
+        return None;
+    }
+    // SAFETY: every read below is within [data, end), checked above or just before it.
+    unsafe {
+        if *((data + 12) as *const u16) != ETH_P_IP.to_be() {
+            return None;
+        }
+        let ip = &*((data + IP) as *const Ipv4Hdr);
+        // Version 4, 20-byte header; neither MF nor a fragment offset.
+        if ip.ver_ihl != 0x45 || ip.frag_off & 0x3fffu16.to_be() != 0 {
+            return None;
+        }
+        let ports = *((data + L4) as *const [u16; 2]);
+        let mut pkt = Packet {
+            saddr: [ip.saddr, 0, 0, 0],
+            daddr: [ip.daddr, 0, 0, 0],
+            sport: ports[0],
+            dport: ports[1],
+            family: family::V4,
+            protocol: ip.protocol,
+            tcp_flags: 0,
+            icmp_error: false,
+        };
+        match ip.protocol {
+            IPPROTO_UDP => Some(pkt),
+            IPPROTO_TCP => {
+                if data + L4 + 20 > end {
+                    return None;
+                }
+                let off_flags = *((data + L4 + 12) as *const [u8; 2]);
+                if off_flags[0] >> 4 < 5 {
+                    return None;
+                }
+                pkt.tcp_flags = off_flags[1];
+                Some(pkt)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// L4 headers shorter than `L4Hdr` (a bare UDP header, a minimal ICMP message).

@@ -72,10 +72,13 @@ impl Decision {
 }
 
 #[inline(always)]
-fn probe(key: &PolicyKey) -> Option<PolicyValue> {
+fn probe(key: &PolicyKey, trie: bool) -> Option<PolicyValue> {
     // SAFETY: plain data, copied out at once.
     if let Some(v) = unsafe { POLICY_EXACT.get(key) } {
         return Some(*v);
+    }
+    if !trie {
+        return None;
     }
     POLICY.get(Key::new(policy_prefix::FULL, *key)).copied()
 }
@@ -101,15 +104,17 @@ pub fn decide(ep: &EndpointInfo, dir: u8, peer: &IpcacheValue, pkt: &Packet) -> 
         protocol: pkt.protocol,
         dport: dport.to_ne_bytes(),
     };
-    let exact = probe(&key).unwrap_or_default();
+    let trie = ep.flags & ep_flag(ep_flags::NO_TRIE, dir) == 0;
+    let exact = probe(&key, trie).unwrap_or_default();
     // The node is always allowed to reach its endpoints (kubelet probes) unless a rule names
     // the host itself: wildcard-peer entries do not apply to it.
-    let any = if peer.identity == identity::HOST {
-        PolicyValue::default()
-    } else {
-        key.peer = identity::ANY;
-        probe(&key).unwrap_or_default()
-    };
+    let any =
+        if peer.identity == identity::HOST || ep.flags & ep_flag(ep_flags::NO_ANY_PEER, dir) != 0 {
+            PolicyValue::default()
+        } else {
+            key.peer = identity::ANY;
+            probe(&key, trie).unwrap_or_default()
+        };
 
     let (act, rule_id, proxy_port) = if any.action > exact.action {
         (any.action, any.rule_id, any.proxy_port)

@@ -9,6 +9,7 @@
 //! keep their ids. Nothing is reset unless [`Datapath::reset`] is called.
 mod attach;
 mod events;
+mod hints;
 mod maps;
 mod testrun;
 
@@ -90,6 +91,7 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 pub(crate) const FROM_ENDPOINT: &str = "from_endpoint";
 pub(crate) const TO_ENDPOINT: &str = "to_endpoint";
 pub(crate) const PREFILTER: &str = "prefilter";
+pub(crate) const FLOOR: &str = "floor";
 
 /// Typed handles on every map.
 pub(crate) struct Maps {
@@ -116,6 +118,7 @@ pub(crate) struct Programs {
     from_endpoint: SchedClassifier,
     to_endpoint: SchedClassifier,
     prefilter: Xdp,
+    floor: SchedClassifier,
 }
 
 /// One node's datapath. Owned by the reconciler; other tasks talk to it through channels.
@@ -124,6 +127,7 @@ pub struct Datapath {
     maps: Maps,
     programs: Programs,
     events: Option<EventStream>,
+    hints: hints::Hints,
 }
 
 impl Datapath {
@@ -156,7 +160,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
-        if ![FROM_ENDPOINT, TO_ENDPOINT, PREFILTER]
+        if ![FROM_ENDPOINT, TO_ENDPOINT, PREFILTER, FLOOR]
             .iter()
             .all(|p| progs_dir.join(p).exists())
         {
@@ -170,7 +174,9 @@ impl Datapath {
             maps,
             programs,
             events: Some(events),
+            hints: hints::Hints::default(),
         };
+        dp.hints = hints::Hints::new(&dp.policy()?, &dp.endpoints()?);
         // A fresh config array reads as zeros; the programs fall back to the defaults until
         // it is written, so writing it here changes nothing for adopted pins.
         if dp.config()? == Config::default() {
@@ -219,7 +225,7 @@ impl Datapath {
 fn install_programs(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    for name in [FROM_ENDPOINT, TO_ENDPOINT] {
+    for name in [FROM_ENDPOINT, TO_ENDPOINT, FLOOR] {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
         prog.load()
             .map_err(|source| Error::Program { name, source })?;
@@ -258,6 +264,7 @@ impl Programs {
         Ok(Programs {
             from_endpoint: tc(FROM_ENDPOINT)?,
             to_endpoint: tc(TO_ENDPOINT)?,
+            floor: tc(FLOOR)?,
             prefilter: Xdp::from_pin(dir.join(PREFILTER), XdpAttachType::Interface).map_err(
                 |source| Error::Program {
                     name: PREFILTER,

@@ -121,6 +121,36 @@ impl Datapath {
     }
 
     fn apply_one(&mut self, op: &MapOp) -> Result<()> {
+        match *op {
+            MapOp::EndpointSet(ifindex, info) => {
+                let info = self.hints.set_endpoint(ifindex, info);
+                return self.write_endpoint(ifindex, info);
+            }
+            MapOp::EndpointRemove(ifindex) => self.hints.remove_endpoint(ifindex),
+            MapOp::PolicyUpsert(k, _) => {
+                for (ifindex, info) in self.hints.before_upsert(&k) {
+                    self.write_endpoint(ifindex, info)?;
+                }
+            }
+            _ => {}
+        }
+        self.write(op)?;
+        if let MapOp::PolicyRemove(k) = op {
+            for (ifindex, info) in self.hints.after_remove(k) {
+                self.write_endpoint(ifindex, info)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        self.maps
+            .endpoints
+            .insert(ifindex, info, 0)
+            .map_err(map_err("ENDPOINTS"))
+    }
+
+    fn write(&mut self, op: &MapOp) -> Result<()> {
         let m = &mut self.maps;
         match *op {
             MapOp::IpcacheUpsert(net, v) => match net {
@@ -173,10 +203,7 @@ impl Datapath {
                 )
                 .map_err(map_err("IPCACHE6")),
             },
-            MapOp::EndpointSet(ifindex, info) => m
-                .endpoints
-                .insert(ifindex, info, 0)
-                .map_err(map_err("ENDPOINTS")),
+            MapOp::EndpointSet(..) => unreachable!("written by apply_one"),
             MapOp::EndpointRemove(ifindex) => {
                 ignore_missing(m.endpoints.remove(&ifindex)).map_err(map_err("ENDPOINTS"))
             }
@@ -261,12 +288,16 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Every endpoint entry, by ifindex.
+    /// Every endpoint entry, by ifindex, as set by `MapOp::EndpointSet` (the skip hints the
+    /// loader folds into the flags are left out).
     pub fn endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>> {
         self.maps
             .endpoints
             .iter()
-            .map(|kv| kv.map_err(map_err("ENDPOINTS")))
+            .map(|kv| {
+                kv.map(|(k, v)| (k, crate::hints::strip(v)))
+                    .map_err(map_err("ENDPOINTS"))
+            })
             .collect()
     }
 
