@@ -1,0 +1,12 @@
+//! moat: Kubernetes network policy enforced by eBPF.
+//!
+//! This library holds the agent's pure parts: the policy API types ([`api`]), the cluster
+//! [`model`], [`identity`] allocation, the [`compiler`] with its diff, and the conformance
+//! [`scenario`] loader the lab and the tests share.
+
+pub mod api;
+pub mod compiler;
+pub mod identity;
+pub mod model;
+pub mod scenario;
+pub mod selector;
