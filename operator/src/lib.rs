@@ -4,9 +4,12 @@
 //! [`model`], [`identity`] allocation, the [`compiler`] with its diff, and the conformance
 //! [`scenario`] loader the lab and the tests share.
 
+pub mod agent;
 pub mod api;
 pub mod compiler;
+pub mod control;
 pub mod identity;
 pub mod model;
 pub mod scenario;
 pub mod selector;
+pub mod source;

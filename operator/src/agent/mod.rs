@@ -1,0 +1,152 @@
+//! The per-node agent: a source (Kubernetes API or a directory) feeding the reconciler, the
+//! sole owner of the datapath, which publishes its status to the control socket.
+pub mod reconcile;
+pub mod status;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::{
+    compiler::CompileConfig,
+    control,
+    source::{SourceState, file::FileSource},
+};
+use reconcile::Reconciler;
+use status::AgentStatus;
+
+/// Where the agent learns the world.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// The Kubernetes API (in-cluster or kubeconfig).
+    Kube,
+    /// A directory of YAML: `endpoints.yaml` and policy files.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for SourceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kube" => Ok(SourceSpec::Kube),
+            _ => match s.strip_prefix("dir:") {
+                Some(p) if !p.is_empty() => Ok(SourceSpec::Dir(PathBuf::from(p))),
+                _ => Err(format!("{s:?}: expected `kube` or `dir:PATH`")),
+            },
+        }
+    }
+}
+
+/// Everything the agent is told on its command line.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub source: SourceSpec,
+    pub node_name: String,
+    pub pin_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+    pub uplinks: Vec<String>,
+    /// Network namespace to operate in (entered before any thread starts).
+    pub netns: Option<PathBuf>,
+    pub proxy_port: u16,
+}
+
+/// Run the agent until SIGTERM/SIGINT. Enforcement stays in the kernel when it exits.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    if let Some(ns) = &cfg.netns {
+        // setns moves only the calling thread: do it before the runtime starts any thread,
+        // so every thread of the agent lives in the node's namespace.
+        let f = std::fs::File::open(ns).with_context(|| format!("opening {}", ns.display()))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering network namespace {}", ns.display()))?;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_async(cfg))
+}
+
+async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
+    let dp = moat_datapath::Datapath::open(&cfg.pin_root)
+        .with_context(|| format!("opening the datapath at {}", cfg.pin_root.display()))?;
+    let (status_tx, status_rx) = watch::channel(Arc::new(AgentStatus {
+        node: cfg.node_name.clone(),
+        ..AgentStatus::default()
+    }));
+    let mut reconciler = Reconciler::new(
+        dp,
+        cfg.node_name.clone(),
+        &cfg.state_dir,
+        CompileConfig {
+            proxy_port: cfg.proxy_port,
+        },
+        cfg.uplinks.clone(),
+        status_tx,
+    )?;
+    let (source_tx, mut source_rx) = watch::channel(Arc::new(SourceState::default()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let source_task = match &cfg.source {
+        SourceSpec::Dir(dir) => {
+            let src = FileSource::new(dir, cfg.node_name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = src.watch(source_tx, Duration::from_millis(10)).await {
+                    error!("watching the source directory: {e}");
+                }
+            })
+        }
+        SourceSpec::Kube => anyhow::bail!("the kube source is not available in this build"),
+    };
+
+    let mut stop = stop_rx.clone();
+    let control_path = cfg.control_socket.clone();
+    let control_task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) =
+            control::server::serve_unix(&control_path, control::server::routes(status_rx), shutdown)
+                .await
+        {
+            error!("control socket {}: {e}", control_path.display());
+        }
+    });
+
+    let mut stop = stop_rx.clone();
+    let reconcile_task = tokio::spawn(async move {
+        // The watch channel keeps only the newest state: a burst that arrives while a
+        // reconcile runs is applied as one, and a single change is applied at once.
+        loop {
+            tokio::select! {
+                changed = source_rx.changed() => if changed.is_err() { break },
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            let state = source_rx.borrow_and_update().clone();
+            tokio::task::block_in_place(|| reconciler.reconcile(&state));
+        }
+    });
+
+    info!(node = %cfg.node_name, pins = %cfg.pin_root.display(), "agent running");
+    wait_for_signal().await?;
+    info!("stopping; enforcement stays in the kernel");
+    let _ = stop_tx.send(true);
+    source_task.abort();
+    let _ = reconcile_task.await;
+    let _ = control_task.await;
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The reconciler: the one task that owns the datapath. It compiles every new source state,
+//! diffs it against what the maps hold, applies the ordered batch, attaches and detaches
+//! programs as local endpoints come and go, and publishes what it did.
+//!
+//! After a restart it reads the realized state back from the pins and diffs against that, so
+//! an unchanged world costs no map write at all (counted in [`Reconciler::writes`]).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use moat_common::policy_prefix;
+use moat_datapath::{Datapath, PolicyEntryKey};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::status::{AgentStatus, Overflow, PolicyReport};
+use crate::{
+    compiler::{
+        CompileConfig, DesiredState, Maps, compile,
+        diff::{MapOp, RealizedState, diff},
+    },
+    identity::Allocations,
+    model::Policy,
+    source::SourceState,
+};
+
+/// Where the allocator's numbers are kept between runs (identities, endpoint, rule-set and
+/// rule ids must not change across a restart, or a restart would rewrite the maps).
+const ALLOCATIONS_FILE: &str = "allocations.json";
+
+pub struct Reconciler {
+    dp: Datapath,
+    node: String,
+    compile_cfg: CompileConfig,
+    state_dir: PathBuf,
+    alloc: Allocations,
+    realized: RealizedState,
+    /// Resolved ifindex of every endpoint interface in `realized`.
+    ifindex: BTreeMap<String, u32>,
+    /// Interfaces with the endpoint programs attached.
+    attached: BTreeSet<String>,
+    uplinks: BTreeSet<String>,
+    /// Uplinks from the command line; the source's own list wins when it names some.
+    default_uplinks: Vec<String>,
+    status: watch::Sender<Arc<AgentStatus>>,
+    desired: Option<Arc<DesiredState>>,
+    writes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Datapath(#[from] moat_datapath::Error),
+    #[error("{path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Reconciler {
+    /// Open (or adopt) the datapath pinned at `pin_root` and read back what it holds.
+    pub fn new(
+        dp: Datapath,
+        node: String,
+        state_dir: &Path,
+        compile_cfg: CompileConfig,
+        default_uplinks: Vec<String>,
+        status: watch::Sender<Arc<AgentStatus>>,
+    ) -> Result<Self, ReconcileError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| ReconcileError::State {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let alloc = load_allocations(&state_dir.join(ALLOCATIONS_FILE))?;
+        let mut r = Reconciler {
+            dp,
+            node,
+            compile_cfg,
+            state_dir: state_dir.to_owned(),
+            alloc,
+            realized: RealizedState::default(),
+            ifindex: BTreeMap::new(),
+            attached: BTreeSet::new(),
+            uplinks: BTreeSet::new(),
+            default_uplinks,
+            status,
+            desired: None,
+            writes: 0,
+        };
+        r.read_back()?;
+        Ok(r)
+    }
+
+    /// Map writes issued since start: a restart into an unchanged world issues none.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// The last compiled state (for the L7 proxy and the metrics).
+    pub fn desired(&self) -> Option<Arc<DesiredState>> {
+        self.desired.clone()
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    /// Rebuild `realized` from the kernel: maps, attachments.
+    fn read_back(&mut self) -> Result<(), ReconcileError> {
+        let dp = &self.dp;
+        let mut maps = Maps {
+            ipcache: dp.ipcache()?,
+            prefilter: dp.prefilter()?,
+            ..Maps::default()
+        };
+        for (k, v) in dp.policy()? {
+            if k.prefix_len == policy_prefix::FULL {
+                maps.exact.insert(k.key, v);
+            } else {
+                maps.prefixes.insert((k.key, k.prefix_len), v);
+            }
+        }
+        self.ifindex.clear();
+        for (ifindex, info) in dp.endpoints()? {
+            match interface_name(ifindex) {
+                Some(name) => {
+                    maps.endpoints.insert(name.clone(), info);
+                    self.ifindex.insert(name, ifindex);
+                }
+                // The interface is gone (its pod was deleted while we were away).
+                None => {
+                    self.dp
+                        .apply(&[moat_datapath::MapOp::EndpointRemove(ifindex)])?;
+                    self.writes += 1;
+                }
+            }
+        }
+        self.attached.clear();
+        self.uplinks.clear();
+        for (ifname, hook) in self.dp.attachments()? {
+            if hook == "prefilter" {
+                self.uplinks.insert(ifname);
+            } else {
+                self.attached.insert(ifname);
+            }
+        }
+        self.realized = RealizedState {
+            maps,
+            revision: self.dp.revision()?,
+        };
+        Ok(())
+    }
+
+    /// Make the datapath enforce `source`, and publish the outcome.
+    pub fn reconcile(&mut self, source: &SourceState) {
+        let started = Instant::now();
+        let mut errors = source.errors.clone();
+        let (desired, alloc) = match compile(&source.model, &self.alloc, &self.compile_cfg) {
+            Ok(x) => x,
+            Err(e) => {
+                errors.push(format!("compile: {e}"));
+                self.publish(source, None, errors, false);
+                return;
+            }
+        };
+        // Numbers the maps are about to refer to must survive a crash right after.
+        if alloc != self.alloc {
+            if let Err(e) = save_allocations(&self.state_dir.join(ALLOCATIONS_FILE), &alloc) {
+                errors.push(e.to_string());
+                self.publish(source, Some(&desired), errors, false);
+                return;
+            }
+            self.alloc = alloc;
+        }
+
+        let mut maps = desired.maps.clone();
+        let mut missing = Vec::new();
+        for name in maps.endpoints.keys() {
+            match ifindex_of(name) {
+                Some(i) => self.track_interface(name, i, &mut errors),
+                None => missing.push(name.clone()),
+            }
+        }
+        // Endpoints whose interface does not exist (yet) cannot be programmed.
+        for name in missing {
+            errors.push(format!(
+                "interface {name} of a local endpoint is not present on node {}",
+                self.node
+            ));
+            maps.endpoints.remove(&name);
+        }
+
+        let programmed = self.converge(&maps, source, &mut errors);
+        let elapsed = started.elapsed();
+        info!(
+            revision = self.realized.revision,
+            ms = elapsed.as_secs_f64() * 1e3,
+            programmed,
+            "reconciled"
+        );
+        self.desired = Some(Arc::new(desired));
+        let desired = self.desired.clone();
+        self.publish(source, desired.as_deref(), errors, programmed);
+    }
+
+    /// Remember `name`'s ifindex. An interface recreated under the same name (a pod
+    /// restarted) has a new ifindex: its old entry goes, and it is written and attached anew.
+    fn track_interface(&mut self, name: &str, ifindex: u32, errors: &mut Vec<String>) {
+        let old = self.ifindex.insert(name.to_owned(), ifindex);
+        if let Some(old) = old.filter(|&o| o != ifindex) {
+            if let Err(e) = self.dp.apply(&[moat_datapath::MapOp::EndpointRemove(old)]) {
+                errors.push(e.to_string());
+            }
+            self.writes += 1;
+            self.realized.maps.endpoints.remove(name);
+            self.attached.remove(name);
+        }
+    }
+
+    /// Detach, write, attach, in the order that never leaves an interface with a program but
+    /// no endpoint entry (which fails closed) or an entry with a program of a deleted pod.
+    fn converge(&mut self, maps: &Maps, source: &SourceState, errors: &mut Vec<String>) -> bool {
+        // Interfaces leaving: detach before their entries go.
+        let leaving: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|i| !maps.endpoints.contains_key(*i))
+            .cloned()
+            .collect();
+        for ifname in leaving {
+            match self.dp.detach_endpoint(&ifname) {
+                Ok(()) => {
+                    self.attached.remove(&ifname);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+
+        let ops = diff(maps, &self.realized);
+        let mut ok = true;
+        for op in &ops {
+            let Some(dp_op) = self.translate(op) else {
+                continue;
+            };
+            match self.dp.apply(std::slice::from_ref(&dp_op)) {
+                Ok(()) => {
+                    self.writes += 1;
+                    op.apply(&mut self.realized);
+                }
+                Err(e) => {
+                    errors.push(format!("applying {op:?}: {e}"));
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if !ok {
+            // Start the next attempt from what the kernel really holds.
+            if let Err(e) = self.read_back() {
+                errors.push(e.to_string());
+            }
+        }
+
+        // Interfaces arriving: attach once their entries exist.
+        for ifname in maps.endpoints.keys() {
+            if !self.attached.contains(ifname) {
+                match self.dp.attach_endpoint(ifname) {
+                    Ok(()) => {
+                        self.attached.insert(ifname.clone());
+                    }
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        ok = false;
+                    }
+                }
+            }
+        }
+
+        let uplinks: BTreeSet<String> = if source.uplinks.is_empty() {
+            self.default_uplinks.iter().cloned().collect()
+        } else {
+            source.uplinks.iter().cloned().collect()
+        };
+        for gone in self
+            .uplinks
+            .difference(&uplinks)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            if let Err(e) = self.dp.detach_uplink(&gone) {
+                errors.push(e.to_string());
+            }
+            self.uplinks.remove(&gone);
+        }
+        for uplink in &uplinks {
+            match self.dp.attach_uplink(uplink) {
+                Ok(()) => {
+                    self.uplinks.insert(uplink.clone());
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    /// The compiler's operation in the loader's terms (interface names become ifindexes).
+    fn translate(&self, op: &MapOp) -> Option<moat_datapath::MapOp> {
+        use moat_datapath::MapOp as D;
+        let entry = |key, prefix_len| PolicyEntryKey { key, prefix_len };
+        Some(match op {
+            MapOp::PrefilterUpsert(n, r) => D::PrefilterUpsert(*n, *r),
+            MapOp::PrefilterDelete(n) => D::PrefilterRemove(*n),
+            MapOp::IpcacheUpsert(n, v) => D::IpcacheUpsert(*n, *v),
+            MapOp::IpcacheDelete(n) => D::IpcacheRemove(*n),
+            MapOp::EndpointUpsert(name, info) => D::EndpointSet(*self.ifindex.get(name)?, *info),
+            MapOp::EndpointDelete(name) => D::EndpointRemove(*self.ifindex.get(name)?),
+            MapOp::PolicyExactUpsert(k, v) => D::PolicyUpsert(entry(*k, policy_prefix::FULL), *v),
+            MapOp::PolicyExactDelete(k) => D::PolicyRemove(entry(*k, policy_prefix::FULL)),
+            MapOp::PolicyPrefixUpsert(k, l, v) => D::PolicyUpsert(entry(*k, *l), *v),
+            MapOp::PolicyPrefixDelete(k, l) => D::PolicyRemove(entry(*k, *l)),
+            MapOp::SetRevision(r) => D::SetRevision(*r),
+        })
+    }
+
+    fn publish(
+        &self,
+        source: &SourceState,
+        desired: Option<&DesiredState>,
+        errors: Vec<String>,
+        programmed: bool,
+    ) {
+        for e in &errors {
+            warn!("{e}");
+        }
+        let generations: BTreeMap<_, _> = source
+            .model
+            .policies
+            .iter()
+            .map(|p| (p.reference(), generation(p)))
+            .collect();
+        let mut policies = Vec::new();
+        let mut overflows = Vec::new();
+        for (r, outcome) in desired.map(|d| &d.policies).into_iter().flatten() {
+            if !outcome.accepted && outcome.message.contains("capacity") {
+                overflows.push(Overflow {
+                    reference: r.to_string(),
+                    policy: r.clone(),
+                    message: outcome.message.clone(),
+                });
+            }
+            policies.push(PolicyReport {
+                reference: r.to_string(),
+                policy: r.clone(),
+                generation: generations.get(r).copied().flatten(),
+                accepted: outcome.accepted,
+                message: outcome.message.clone(),
+                selected_endpoints: outcome.selected_endpoints,
+            });
+        }
+        let previous = self.status.borrow().clone();
+        let status = AgentStatus {
+            node: self.node.clone(),
+            source_digest: Some(source.digest.clone()),
+            programmed_digest: if programmed {
+                Some(source.digest.clone())
+            } else {
+                previous.programmed_digest.clone()
+            },
+            revision: self.realized.revision,
+            ready: programmed,
+            local_endpoints: self.realized.maps.endpoints.len(),
+            identities: desired.map_or(0, |d| {
+                d.maps
+                    .ipcache
+                    .values()
+                    .map(|v| v.identity)
+                    .collect::<BTreeSet<_>>()
+                    .len()
+            }),
+            map_writes: self.writes,
+            policies,
+            overflows,
+            errors,
+        };
+        self.status.send_replace(Arc::new(status));
+    }
+}
+
+fn generation(p: &Policy) -> Option<i64> {
+    match p {
+        Policy::NetworkPolicy(p) => p.metadata.generation,
+        Policy::MoatNetworkPolicy(p) => p.metadata.generation,
+        Policy::MoatClusterNetworkPolicy(p) => p.metadata.generation,
+    }
+}
+
+fn ifindex_of(name: &str) -> Option<u32> {
+    moat_datapath::ifindex(name)
+}
+
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr() as *mut libc::c_char) };
+    if p.is_null() {
+        return None;
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+fn load_allocations(path: &Path) -> Result<Allocations, ReconcileError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ReconcileError::State {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::default()),
+        Err(source) => Err(ReconcileError::State {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Write-then-rename, so a crash never leaves a torn file.
+fn save_allocations(path: &Path, alloc: &Allocations) -> Result<(), ReconcileError> {
+    let err = |source| ReconcileError::State {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(alloc).map_err(|e| err(std::io::Error::other(e)))?;
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

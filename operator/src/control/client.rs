@@ -1,0 +1,88 @@
+//! Reading an agent's control socket.
+use std::path::Path;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+/// What an agent reports (the JSON of `/status`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Status {
+    pub node: String,
+    pub source_digest: Option<String>,
+    pub programmed_digest: Option<String>,
+    pub revision: u32,
+    pub ready: bool,
+    pub local_endpoints: usize,
+    pub identities: usize,
+    pub map_writes: u64,
+    pub policies: Vec<PolicyStatus>,
+    pub overflows: Vec<OverflowStatus>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PolicyStatus {
+    pub reference: String,
+    pub generation: Option<i64>,
+    pub accepted: bool,
+    pub message: String,
+    pub selected_endpoints: usize,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct OverflowStatus {
+    pub reference: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("GET {path}: HTTP {status}")]
+    Status { path: String, status: u16 },
+    #[error("reading the agent's answer: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// GET `path` on the agent's control socket; returns the status code and the body.
+pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, "moat-agent")
+        .body(Empty::<Bytes>::new())
+        .expect("static request");
+    let res = sender.send_request(req).await?;
+    let code = res.status().as_u16();
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok((code, body))
+}
+
+/// The agent's status.
+pub async fn status(socket: &Path) -> Result<Status, ClientError> {
+    let (code, body) = get(socket, "/status").await?;
+    if code != 200 {
+        return Err(ClientError::Status {
+            path: "/status".into(),
+            status: code,
+        });
+    }
+    Ok(serde_json::from_slice(&body)?)
+}

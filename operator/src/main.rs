@@ -1,0 +1,185 @@
+//! The `moat` command: the per-node agent and the tools around it.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use moat::agent::{AgentConfig, SourceSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "moat",
+    version,
+    about = "Kubernetes network policy enforced by eBPF"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "MOAT_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the per-node agent: watch the source, program the datapath, serve status.
+    Agent(AgentArgs),
+    /// Show what a running agent reports (through its control socket).
+    Status {
+        /// The agent's control socket.
+        #[arg(
+            long,
+            env = "MOAT_CONTROL_SOCKET",
+            default_value = "/run/moat/agent.sock"
+        )]
+        control_socket: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Low-level operations on the pinned datapath.
+    Datapath {
+        #[command(subcommand)]
+        command: DatapathCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatapathCommand {
+    /// Remove every pin (maps, programs, links) under the root: enforcement stops on every
+    /// interface of this node. For upgrades across layout versions and for decommissioning.
+    Reset {
+        #[arg(long, env = "MOAT_PIN_ROOT", default_value = moat_datapath::DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Where policies and endpoints come from: `kube` (the Kubernetes API) or `dir:PATH` (a
+    /// directory with endpoints.yaml and policy files, re-read on every change).
+    #[arg(long, env = "MOAT_SOURCE", default_value = "kube")]
+    source: SourceSpec,
+    /// This node's name (in a DaemonSet, from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// bpffs directory holding this node's maps, programs and links. One root per node.
+    #[arg(long, env = "MOAT_PIN_ROOT", default_value = moat_datapath::DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Directory for state that must survive restarts (identity and rule numbering).
+    #[arg(long, env = "MOAT_STATE_DIR", default_value = "/var/lib/moat")]
+    state_dir: PathBuf,
+    /// Unix socket serving health, readiness and status (reachable from any namespace).
+    #[arg(
+        long,
+        env = "MOAT_CONTROL_SOCKET",
+        default_value = "/run/moat/agent.sock"
+    )]
+    control_socket: PathBuf,
+    /// TCP address for /metrics, /healthz, /readyz.
+    #[arg(long, env = "MOAT_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Node uplink for the XDP prefilter (repeatable). Standalone sources may name their own.
+    #[arg(long = "uplink", env = "MOAT_UPLINKS", value_delimiter = ',')]
+    uplinks: Vec<String>,
+    /// Network namespace to operate in (a path such as /var/run/netns/NAME); entered before
+    /// anything else starts.
+    #[arg(long, env = "MOAT_NETNS")]
+    netns: Option<PathBuf>,
+    /// Port of the node's transparent L7 proxy.
+    #[arg(long, env = "MOAT_PROXY_PORT", default_value_t = 15001)]
+    proxy_port: u16,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Agent(a) => moat::agent::run(AgentConfig {
+            source: a.source,
+            node_name: a.node_name,
+            pin_root: a.pin_root,
+            state_dir: a.state_dir,
+            control_socket: a.control_socket,
+            metrics_addr: a.metrics_addr,
+            uplinks: a.uplinks,
+            netns: a.netns,
+            proxy_port: a.proxy_port,
+        }),
+        Command::Status {
+            control_socket,
+            json,
+        } => status(&control_socket, json),
+        Command::Datapath {
+            command: DatapathCommand::Reset { pin_root },
+        } => moat_datapath::Datapath::reset(&pin_root).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if json {
+        let (_, body) = rt.block_on(moat::control::client::get(socket, "/status"))?;
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let s = rt.block_on(moat::control::client::status(socket))?;
+    println!("node:       {}", s.node);
+    println!("ready:      {}", s.ready);
+    println!("revision:   {}", s.revision);
+    println!(
+        "endpoints:  {} local, {} identities",
+        s.local_endpoints, s.identities
+    );
+    println!(
+        "programmed: {}",
+        match (&s.programmed_digest, &s.source_digest) {
+            (Some(p), Some(src)) if p == src => "the current source state",
+            (Some(_), _) => "an earlier source state (see errors)",
+            (None, _) => "nothing yet",
+        }
+    );
+    println!("policies:");
+    for p in &s.policies {
+        let state = if p.accepted { "Accepted" } else { "Invalid" };
+        println!(
+            "  {:<60} {state:<9} endpoints={}",
+            p.reference, p.selected_endpoints
+        );
+        if !p.message.is_empty() {
+            println!("      {}", p.message);
+        }
+    }
+    for o in &s.overflows {
+        println!("overflow: {}: {}", o.reference, o.message);
+    }
+    for e in &s.errors {
+        println!("error: {e}");
+    }
+    Ok(())
+}
