@@ -1,9 +1,10 @@
 # moat — run as root (eBPF, network namespaces). One cargo profile (release) for build, tests
-# and benchmarks, so nothing is compiled twice.
+# and benchmarks, so nothing is compiled twice. Plain cargo commands act on the workspace's
+# default members, which leave out the eBPF crate (built by aya-build for its own target).
 CARGO ?= cargo
 PROFILE := --release
 
-.PHONY: all toolchain debs build fmt-check clippy test test-datapath bench-datapath
+.PHONY: all toolchain debs build fmt-check clippy test bench-datapath
 
 all: build
 
@@ -14,7 +15,7 @@ debs:
 	@scripts/debs.sh
 
 build: toolchain
-	$(CARGO) build $(PROFILE) --workspace
+	$(CARGO) build $(PROFILE)
 
 fmt-check:
 	$(CARGO) fmt --all --check
@@ -27,7 +28,7 @@ clippy: toolchain
 		-Z build-std=core -- -D warnings
 
 test: toolchain debs fmt-check clippy
-	$(CARGO) test $(PROFILE) --workspace
+	$(CARGO) test $(PROFILE)
 
 bench-datapath: toolchain
 	$(CARGO) run $(PROFILE) -p moat-datapath --example bench-datapath

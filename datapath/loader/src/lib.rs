@@ -34,7 +34,7 @@ use moat_common::{
 pub use testrun::{Hook, RunResult, SKB_CTX_LEN};
 
 /// The eBPF object built by `build.rs` (aya-build).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-ebpf"));
 
 /// Where a node's datapath is pinned unless told otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/moat";
