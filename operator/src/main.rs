@@ -41,6 +41,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watch the agent's decisions as flows, like `hubble observe`.
+    Observe(ObserveArgs),
     /// Low-level operations on the pinned datapath.
     Datapath {
         #[command(subcommand)]
@@ -56,6 +58,53 @@ enum DatapathCommand {
         #[arg(long, env = "MOAT_PIN_ROOT", default_value = moat_datapath::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// The agent's control socket.
+    #[arg(
+        long,
+        env = "MOAT_CONTROL_SOCKET",
+        default_value = "/run/moat/agent.sock"
+    )]
+    control_socket: PathBuf,
+    /// Only this verdict: FORWARDED, DROPPED, AUDIT or REDIRECTED.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Either end in this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Either end is this pod (`namespace/pod` or `pod`).
+    #[arg(long)]
+    pod: Option<String>,
+    /// The source is this pod.
+    #[arg(long)]
+    from_pod: Option<String>,
+    /// The destination is this pod.
+    #[arg(long)]
+    to_pod: Option<String>,
+    /// Destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// TCP, UDP, SCTP, ICMP or ICMPv6.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Keep printing new flows as they happen.
+    #[arg(long, short)]
+    follow: bool,
+    /// Print the last N matching flows first (default 20, or 0 with --follow).
+    #[arg(long)]
+    last: Option<usize>,
+    /// Output: `compact` (one line per flow) or `json`.
+    #[arg(long, short, default_value = "compact")]
+    output: ObserveOutput,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObserveOutput {
+    Compact,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -126,6 +175,7 @@ fn main() -> ExitCode {
             control_socket,
             json,
         } => status(&control_socket, json),
+        Command::Observe(o) => observe(o),
         Command::Datapath {
             command: DatapathCommand::Reset { pin_root },
         } => moat_datapath::Datapath::reset(&pin_root).map_err(Into::into),
@@ -137,6 +187,39 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn observe(o: ObserveArgs) -> anyhow::Result<()> {
+    let filter = moat::flows::FlowFilter {
+        verdict: o.verdict,
+        namespace: o.namespace,
+        pod: o.pod,
+        from_pod: o.from_pod,
+        to_pod: o.to_pod,
+        port: o.port,
+        protocol: o.protocol,
+        follow: o.follow,
+        last: o.last,
+    };
+    let query = serde_urlencoded::to_string(&filter)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(moat::control::client::get_lines(
+        &o.control_socket,
+        &format!("/flows?{query}"),
+        |line| {
+            match o.output {
+                ObserveOutput::Json => println!("{}", String::from_utf8_lossy(line)),
+                ObserveOutput::Compact => match serde_json::from_slice::<moat::flows::Flow>(line) {
+                    Ok(f) => println!("{}", f.line()),
+                    Err(e) => eprintln!("moat: unreadable flow ({e})"),
+                },
+            }
+            true
+        },
+    ))?;
+    Ok(())
 }
 
 fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -430,6 +430,40 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Per-rule counters of the given rule ids only (a scrape need not read every slot);
+    /// zero counters are left out.
+    pub fn rule_counters_for(
+        &self,
+        rule_ids: impl IntoIterator<Item = u32>,
+    ) -> Result<BTreeMap<RuleCounterKey, Counter>> {
+        let mut out = BTreeMap::new();
+        for rule_id in rule_ids {
+            for v in 0..verdict::COUNT as u8 {
+                let c = sum(&self.maps.rules, rule_counter_index(rule_id, v), "RULES")?;
+                if c.packets != 0 {
+                    out.insert(
+                        RuleCounterKey {
+                            rule_id,
+                            verdict: v,
+                        },
+                        c,
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of live conntrack entries.
+    pub fn conntrack_len(&self) -> Result<usize> {
+        let mut n = 0;
+        for k in self.maps.conntrack.keys() {
+            k.map_err(map_err("CONNTRACK"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Event accounting summed over CPUs (emitted, suppressed by the rate limit, lost).
     pub fn event_stats(&self) -> Result<EventState> {
         let per_cpu = self

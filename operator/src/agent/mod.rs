@@ -11,7 +11,9 @@ use tracing::{error, info};
 
 use crate::{
     compiler::CompileConfig,
-    control,
+    control::{self, server::ServerContext},
+    flows::{FlowContext, FlowHub},
+    metrics::AgentMetrics,
     source::{SourceState, file::FileSource},
 };
 use reconcile::Reconciler;
@@ -70,12 +72,21 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
-    let dp = moat_datapath::Datapath::open(&cfg.pin_root)
+    let mut dp = moat_datapath::Datapath::open(&cfg.pin_root)
         .with_context(|| format!("opening the datapath at {}", cfg.pin_root.display()))?;
+    let events = dp
+        .take_events()
+        .context("the datapath's event stream")?
+        .into_async()
+        .context("registering the event ring buffer")?;
     let (status_tx, status_rx) = watch::channel(Arc::new(AgentStatus {
         node: cfg.node_name.clone(),
         ..AgentStatus::default()
     }));
+    let (flow_ctx_tx, flow_ctx_rx) = watch::channel(Arc::new(FlowContext::default()));
+    let metrics = AgentMetrics::default();
+    let flows = FlowHub::default();
+    let flows_task = tokio::spawn(flows.clone().run(events, flow_ctx_rx));
     let mut reconciler = Reconciler::new(
         dp,
         cfg.node_name.clone(),
@@ -85,7 +96,10 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         },
         cfg.uplinks.clone(),
         status_tx,
+        flow_ctx_tx,
+        metrics.clone(),
     )?;
+    let (req_tx, mut req_rx) = tokio::sync::mpsc::channel(16);
     let (source_tx, mut source_rx) = watch::channel(Arc::new(SourceState::default()));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -101,18 +115,33 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         SourceSpec::Kube => anyhow::bail!("the kube source is not available in this build"),
     };
 
+    let routes = control::server::routes(Arc::new(ServerContext {
+        status: status_rx,
+        requests: req_tx,
+        metrics,
+        flows,
+    }));
     let mut stop = stop_rx.clone();
     let control_path = cfg.control_socket.clone();
+    let unix_routes = routes.clone();
     let control_task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) =
-            control::server::serve_unix(&control_path, control::server::routes(status_rx), shutdown)
-                .await
-        {
+        if let Err(e) = control::server::serve_unix(&control_path, unix_routes, shutdown).await {
             error!("control socket {}: {e}", control_path.display());
         }
+    });
+    let metrics_task = cfg.metrics_addr.map(|addr| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = control::server::serve_tcp(addr, routes, shutdown).await {
+                error!("metrics endpoint {addr}: {e}");
+            }
+        })
     });
 
     let mut stop = stop_rx.clone();
@@ -122,6 +151,10 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 changed = source_rx.changed() => if changed.is_err() { break },
+                Some(req) = req_rx.recv() => {
+                    tokio::task::block_in_place(|| reconciler.handle(req));
+                    continue;
+                }
                 _ = stop.wait_for(|s| *s) => break,
             }
             let state = source_rx.borrow_and_update().clone();
@@ -134,8 +167,12 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     info!("stopping; enforcement stays in the kernel");
     let _ = stop_tx.send(true);
     source_task.abort();
+    flows_task.abort();
     let _ = reconcile_task.await;
     let _ = control_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use moat_common::policy_prefix;
+use moat_common::{capacity, policy_prefix};
 use moat_datapath::{Datapath, PolicyEntryKey};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -22,7 +22,9 @@ use crate::{
         CompileConfig, DesiredState, Maps, compile,
         diff::{MapOp, RealizedState, diff},
     },
+    flows::FlowContext,
     identity::Allocations,
+    metrics::{AgentMetrics, MapFill, Snapshot},
     model::Policy,
     source::SourceState,
 };
@@ -46,8 +48,16 @@ pub struct Reconciler {
     /// Uplinks from the command line; the source's own list wins when it names some.
     default_uplinks: Vec<String>,
     status: watch::Sender<Arc<AgentStatus>>,
+    flow_ctx: watch::Sender<Arc<FlowContext>>,
+    metrics: AgentMetrics,
     desired: Option<Arc<DesiredState>>,
     writes: u64,
+}
+
+/// What other tasks may ask of the reconciler (it alone touches the maps).
+pub enum Request {
+    /// Counters and map fill for a metrics scrape.
+    Snapshot(tokio::sync::oneshot::Sender<Snapshot>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +73,7 @@ pub enum ReconcileError {
 
 impl Reconciler {
     /// Open (or adopt) the datapath pinned at `pin_root` and read back what it holds.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dp: Datapath,
         node: String,
@@ -70,6 +81,8 @@ impl Reconciler {
         compile_cfg: CompileConfig,
         default_uplinks: Vec<String>,
         status: watch::Sender<Arc<AgentStatus>>,
+        flow_ctx: watch::Sender<Arc<FlowContext>>,
+        metrics: AgentMetrics,
     ) -> Result<Self, ReconcileError> {
         std::fs::create_dir_all(state_dir).map_err(|source| ReconcileError::State {
             path: state_dir.to_owned(),
@@ -88,6 +101,8 @@ impl Reconciler {
             uplinks: BTreeSet::new(),
             default_uplinks,
             status,
+            flow_ctx,
+            metrics,
             desired: None,
             writes: 0,
         };
@@ -95,18 +110,66 @@ impl Reconciler {
         Ok(r)
     }
 
-    /// Map writes issued since start: a restart into an unchanged world issues none.
-    pub fn writes(&self) -> u64 {
-        self.writes
+    /// Answer a request from another task.
+    pub fn handle(&self, req: Request) {
+        match req {
+            Request::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+        }
     }
 
-    /// The last compiled state (for the L7 proxy and the metrics).
-    pub fn desired(&self) -> Option<Arc<DesiredState>> {
-        self.desired.clone()
-    }
-
-    pub fn datapath(&self) -> &Datapath {
-        &self.dp
+    fn snapshot(&self) -> Snapshot {
+        let dp = &self.dp;
+        let rules = self
+            .desired
+            .as_ref()
+            .map(|d| d.rules.clone())
+            .unwrap_or_default();
+        let m = &self.realized.maps;
+        let exact_ip = m
+            .ipcache
+            .keys()
+            .filter(|n| n.prefix_len() == n.max_prefix_len())
+            .count();
+        let fill = |map, entries: usize, capacity: u32| MapFill {
+            map,
+            entries: entries as u64,
+            capacity: capacity.into(),
+        };
+        Snapshot {
+            verdicts: dp.verdict_counters().unwrap_or_default(),
+            rules: dp
+                .rule_counters_for(rules.keys().copied())
+                .unwrap_or_default(),
+            rule_info: Arc::new(rules),
+            events: dp.event_stats().unwrap_or_default(),
+            maps: vec![
+                fill("ipcache_exact", exact_ip, capacity::IPCACHE_EXACT),
+                fill(
+                    "ipcache_prefixes",
+                    m.ipcache.len() - exact_ip,
+                    capacity::IPCACHE_PREFIXES,
+                ),
+                fill("endpoints", m.endpoints.len(), capacity::ENDPOINTS),
+                fill("policy_exact", m.exact.len(), capacity::POLICY_EXACT),
+                fill(
+                    "policy_prefixes",
+                    m.prefixes.len(),
+                    capacity::POLICY_PREFIXES,
+                ),
+                fill("prefilter", m.prefilter.len(), capacity::PREFILTER),
+                fill(
+                    "conntrack",
+                    dp.conntrack_len().unwrap_or(0),
+                    capacity::CONNTRACK,
+                ),
+            ],
+            endpoints: m.endpoints.len() as u64,
+            identities: self.status.borrow().identities as u64,
+            map_writes: self.writes,
+            l7: Default::default(),
+        }
     }
 
     /// Rebuild `realized` from the kernel: maps, attachments.
@@ -196,6 +259,26 @@ impl Reconciler {
 
         let programmed = self.converge(&maps, source, &mut errors);
         let elapsed = started.elapsed();
+        self.metrics
+            .reconcile_duration
+            .observe(elapsed.as_secs_f64());
+        if let (true, Some(observed)) = (programmed, source.observed) {
+            self.metrics
+                .apply_latency
+                .observe(observed.elapsed().as_secs_f64());
+        }
+        let cidrs = desired
+            .maps
+            .ipcache
+            .iter()
+            .filter(|(_, v)| v.identity >= moat_common::identity::FIRST_CIDR)
+            .map(|(n, _)| *n)
+            .collect();
+        self.flow_ctx.send_replace(Arc::new(FlowContext::new(
+            &source.model,
+            &desired.rules,
+            cidrs,
+        )));
         info!(
             revision = self.realized.revision,
             ms = elapsed.as_secs_f64() * 1e3,

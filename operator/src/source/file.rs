@@ -224,6 +224,7 @@ impl FileSource {
             uplinks,
             digest,
             errors,
+            observed: Some(std::time::Instant::now()),
         }
     }
 
@@ -246,9 +247,11 @@ impl FileSource {
             return Ok(());
         }
         while ev_rx.recv().await.is_some() {
+            let observed = std::time::Instant::now();
             // Settle: keep draining until nothing arrives for `settle`.
             while let Ok(Some(_)) = tokio::time::timeout(settle, ev_rx.recv()).await {}
-            let state = self.load();
+            let mut state = self.load();
+            state.observed = Some(observed);
             if state.digest != last.digest || state.errors != last.errors {
                 last = state.clone();
                 if tx.send(Arc::new(state)).is_err() {

@@ -20,4 +20,7 @@ pub struct SourceState {
     pub digest: String,
     /// Input that could not be used (file, line, reason), while everything else is.
     pub errors: Vec<String>,
+    /// When the change that produced this state was first noticed (policy-apply latency is
+    /// measured from here to the maps holding it).
+    pub observed: Option<std::time::Instant>,
 }
