@@ -118,8 +118,14 @@ pub mod ep_flags {
     /// Hint: the rule set has no any-peer entries in this direction. Maintained like
     /// `NO_TRIE`.
     pub const NO_ANY_PEER: u32 = 1 << 8;
+    /// Hint: the rule set has redirect (L7) entries in this direction, so the hooks that
+    /// steer for a destination (`from_endpoint` for local flows, `from_uplink` for flows from
+    /// other nodes) must look its policy up. Set before the first redirect entry is written
+    /// and cleared after the last is removed. Missing it fails closed: the destination's
+    /// `to_endpoint` drops a flow that should have gone through the proxy.
+    pub const L7: u32 = 1 << 10;
     /// The hint bits, which the loader owns.
-    pub const HINTS: u32 = (NO_TRIE | NO_ANY_PEER) * 0b11;
+    pub const HINTS: u32 = (NO_TRIE | NO_ANY_PEER | L7) * 0b11;
 }
 
 /// The flag `base` (from [`ep_flags`]) for `dir`.

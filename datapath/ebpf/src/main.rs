@@ -2,6 +2,8 @@
 //! - `from_endpoint` (TC ingress on an endpoint's host-side veth): the endpoint's egress policy,
 //!   and L7 steering of its redirected flows;
 //! - `to_endpoint` (TC egress on that veth): the endpoint's ingress policy;
+//! - `from_uplink` (TC ingress on uplinks): L7 steering of flows from other nodes to local
+//!   endpoints whose ingress policy redirects (no L3/L4 verdict of its own);
 //! - `prefilter` (XDP on uplinks): the stateless source blocklist;
 //! - `floor` (never attached): an empty program, the baseline of `make bench-datapath`.
 #![no_std]
@@ -20,12 +22,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use moat_common::{
-    Config, CtKey, CtValue, EndpointInfo, action, config_flags, ct_flags, direction, ep_flag,
-    ep_flags, event_kind, mark, reason, verdict,
+    Config, CtKey, CtValue, EndpointInfo, IpcacheValue, action, config_flags, ct_flags, direction,
+    ep_flag, ep_flags, event_kind, mark, reason, verdict,
 };
 
 use crate::{
-    maps::{CONNTRACK, ENDPOINTS, PREFILTER4, PREFILTER6, REVISION},
+    maps::{CONNTRACK, ENDPOINTS, ENDPOINTS_BY_ID, PREFILTER4, PREFILTER6, REVISION},
     parse::{IPPROTO_TCP, Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     policy::{Decision, decide, peer_of},
     report::{EventInfo, config, count, count_rule, emit, now_ns},
@@ -207,7 +209,7 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
     let d = if proxied {
         Decision::proxied()
     } else {
-        decide(&ep, dir, &peer, &pkt)
+        decide_with_destination(&ep, dir, &peer, &pkt)
     };
     if d.audit_differs() {
         report_audit(&c, &pkt, peer.identity, &d);
@@ -276,6 +278,81 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
         d.rule_id,
         Some(event_kind::NEW_FLOW),
     )
+}
+
+/// The endpoint's own decision, plus, for an allowed egress flow to a local destination whose
+/// ingress policy redirects it to the L7 proxy, that redirect: `bpf_sk_assign` only works at
+/// TC ingress, so the source's hook steers on the destination's behalf. The destination's
+/// `to_endpoint` still makes (and counts) its own decision on the proxy's upstream flow.
+#[inline(always)]
+fn decide_with_destination(
+    ep: &EndpointInfo,
+    dir: u8,
+    peer: &IpcacheValue,
+    pkt: &Packet,
+) -> Decision {
+    let mut d = decide(ep, dir, peer, pkt);
+    if dir == direction::EGRESS
+        && d.action == action::ALLOW
+        && peer.endpoint_id != ep.endpoint_id
+        && let Some(port) = destination_redirect(peer, ep.identity, pkt)
+    {
+        d.action = action::REDIRECT;
+        d.proxy_port = port;
+    }
+    d
+}
+
+/// The proxy port when local destination `dst`'s ingress policy redirects this TCP flow
+/// from a source of identity `src_identity`.
+#[inline(always)]
+fn destination_redirect(dst: &IpcacheValue, src_identity: u32, pkt: &Packet) -> Option<u16> {
+    if dst.endpoint_id == 0 || pkt.protocol != IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: plain data, copied out at once.
+    let dst_ep = (unsafe { ENDPOINTS_BY_ID.get(dst.endpoint_id) }).copied()?;
+    if dst_ep.flags & ep_flag(ep_flags::L7, direction::INGRESS) == 0 {
+        return None;
+    }
+    let src = IpcacheValue {
+        identity: src_identity,
+        endpoint_id: 0,
+        flags: 0,
+    };
+    let d = decide(&dst_ep, direction::INGRESS, &src, pkt);
+    (d.action == action::REDIRECT).then_some(d.proxy_port)
+}
+
+/// TC ingress on node uplinks: flows from other nodes to local endpoints whose ingress policy
+/// redirects them are steered to the proxy, on every packet (established sockets first). No
+/// L3/L4 verdict is made here: the destination's `to_endpoint` makes it.
+#[classifier]
+pub fn from_uplink(ctx: TcContext) -> i32 {
+    let Parsed::Packet(pkt) = parse::parse(&ctx) else {
+        return TC_ACT_OK;
+    };
+    if pkt.icmp_error {
+        return TC_ACT_OK;
+    }
+    let dst = peer_of(pkt.family, &pkt.daddr);
+    let src = peer_of(pkt.family, &pkt.saddr);
+    let Some(port) = destination_redirect(&dst, src.identity, &pkt) else {
+        return TC_ACT_OK;
+    };
+    if steer::to_proxy(&ctx, &pkt, port).is_ok() {
+        return TC_ACT_OK;
+    }
+    let cfg = config();
+    count(
+        &cfg,
+        direction::INGRESS,
+        verdict::DROPPED,
+        reason::NO_PROXY,
+        0,
+        ctx.len(),
+    );
+    TC_ACT_SHOT
 }
 
 /// A malformed packet, or a fragment we cannot attribute: dropped where policy applies.
@@ -353,7 +430,7 @@ fn established(
         let d = if proxied {
             Decision::proxied()
         } else {
-            decide(ep, c.dir, &peer, pkt)
+            decide_with_destination(ep, c.dir, &peer, pkt)
         };
         e.revision = revision;
         e.rule_id = d.rule_id;

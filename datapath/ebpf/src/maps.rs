@@ -31,6 +31,10 @@ pub static IPCACHE6: LpmTrie<[u32; 4], IpcacheValue> =
 /// Host-side ifindex -> endpoint.
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+/// Endpoint id -> endpoint: a hook steering for a local destination finds its policy here
+/// (the ipcache gives the destination's endpoint id).
+#[map]
+pub static ENDPOINTS_BY_ID: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 /// Exact (subject, peer, direction, protocol, port) keys, probed before the trie. Each value
 /// already folds in every broader entry that covers it.

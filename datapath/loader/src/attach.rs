@@ -17,7 +17,7 @@ use aya::programs::{
     xdp::XdpMode,
 };
 
-use crate::{Datapath, Error, FROM_ENDPOINT, PREFILTER, Result, TO_ENDPOINT, io_err};
+use crate::{Datapath, Error, FROM_ENDPOINT, FROM_UPLINK, PREFILTER, Result, TO_ENDPOINT, io_err};
 
 fn attach_err<'a>(what: &'static str, ifname: &'a str) -> impl FnOnce(String) -> Error + 'a {
     move |detail| Error::Attach {
@@ -55,7 +55,7 @@ impl Datapath {
         let pin = self.link_pin(ifname, name);
         let prog_id = self
             .programs
-            .tc(hook)
+            .tc(name)
             .info()
             .map_err(|source| Error::Program { name, source })?
             .id();
@@ -75,7 +75,7 @@ impl Datapath {
         } else {
             None
         };
-        let prog = self.programs.tc(hook);
+        let prog = self.programs.tc(name);
         let id = prog
             .attach_with_options(
                 ifname,
@@ -109,8 +109,14 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attach the XDP prefilter to an uplink. Idempotent like `attach_endpoint`.
+    /// Attach the uplink programs: the XDP prefilter and `from_uplink` (TC ingress, L7
+    /// steering for flows from other nodes). Idempotent like `attach_endpoint`.
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(ifname, TcAttachType::Ingress, FROM_UPLINK)?;
+        self.attach_xdp(ifname)
+    }
+
+    fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
         let pin = self.link_pin(ifname, PREFILTER);
         let prog_id = self
             .programs
@@ -154,6 +160,7 @@ impl Datapath {
     }
 
     pub fn detach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.unpin_link(ifname, FROM_UPLINK)?;
         self.unpin_link(ifname, PREFILTER)
     }
 

@@ -1,13 +1,16 @@
-//! Skip hints in endpoint flags (`ep_flags::NO_TRIE`, `NO_ANY_PEER`): a rule set without
-//! trie entries (wildcards, port ranges) or without any-peer entries in a direction lets the
-//! kernel skip those probes, which is most of the cost of a lookup at scale.
+//! Hints in endpoint flags, derived from the policy entries of the endpoint's rule set:
+//! `ep_flags::NO_TRIE` / `NO_ANY_PEER` (no trie entries / no any-peer entries in a direction:
+//! the kernel skips those probes, most of the cost of a lookup at scale) and `ep_flags::L7`
+//! (redirect entries exist: steering hooks must look the destination's policy up).
 //!
-//! The loader owns the hints so that no caller can get them wrong: a hint is cleared on the
-//! rule set's endpoints *before* the first entry it would hide is written, and set *after* the
-//! last one is removed, so no intermediate state ever skips a live entry.
+//! The loader owns the hints so that no caller can get them wrong. Endpoints are rewritten
+//! *before* the first entry of a class is written and *after* the last one is removed, so no
+//! intermediate state skips a live entry or misses a redirect.
 use std::collections::{BTreeMap, BTreeSet};
 
-use moat_common::{EndpointInfo, PolicyValue, ep_flag, ep_flags, identity, policy_prefix};
+use moat_common::{
+    EndpointInfo, PolicyValue, action, ep_flag, ep_flags, identity, policy_prefix,
+};
 
 use crate::PolicyEntryKey;
 
@@ -17,8 +20,14 @@ pub(crate) struct Hints {
     trie: BTreeMap<(u32, u8), BTreeSet<PolicyEntryKey>>,
     /// Any-peer entries per (rule set, direction).
     any_peer: BTreeMap<(u32, u8), BTreeSet<PolicyEntryKey>>,
+    /// Redirect entries per (rule set, direction).
+    redirect: BTreeMap<(u32, u8), BTreeSet<PolicyEntryKey>>,
     /// Endpoints as the caller set them (hint bits clear), by ifindex.
     endpoints: BTreeMap<u32, EndpointInfo>,
+}
+
+fn is_redirect(v: &PolicyValue) -> bool {
+    v.action == action::REDIRECT
 }
 
 fn class(k: &PolicyEntryKey) -> ((u32, u8), bool, bool) {
@@ -36,8 +45,8 @@ impl Hints {
         endpoints: &BTreeMap<u32, EndpointInfo>,
     ) -> Self {
         let mut h = Hints::default();
-        for k in policy.keys() {
-            h.add(k);
+        for (k, v) in policy {
+            h.add(k, v);
         }
         for (&ifindex, info) in endpoints {
             h.endpoints.insert(ifindex, strip(*info));
@@ -45,20 +54,38 @@ impl Hints {
         h
     }
 
-    fn add(&mut self, k: &PolicyEntryKey) -> bool {
+    /// Record `k`; true when it is the first of a class in its rule set and direction.
+    fn add(&mut self, k: &PolicyEntryKey, v: &PolicyValue) -> bool {
         let (sd, trie, any) = class(k);
+        let redirect = is_redirect(v);
         let mut first = false;
-        if trie {
-            let set = self.trie.entry(sd).or_default();
-            first |= set.is_empty();
-            set.insert(*k);
-        }
-        if any {
-            let set = self.any_peer.entry(sd).or_default();
-            first |= set.is_empty();
-            set.insert(*k);
+        for (hit, sets) in [
+            (trie, &mut self.trie),
+            (any, &mut self.any_peer),
+            (redirect, &mut self.redirect),
+        ] {
+            if hit {
+                let set = sets.entry(sd).or_default();
+                first |= set.is_empty();
+                set.insert(*k);
+            }
         }
         first
+    }
+
+    /// Forget `k` in the classes listed; true when a class became empty.
+    fn remove(&mut self, k: &PolicyEntryKey, classes: [bool; 3]) -> bool {
+        let (sd, _, _) = class(k);
+        let mut last = false;
+        for (hit, sets) in classes
+            .into_iter()
+            .zip([&mut self.trie, &mut self.any_peer, &mut self.redirect])
+        {
+            if hit && let Some(set) = sets.get_mut(&sd) {
+                last |= set.remove(k) && set.is_empty();
+            }
+        }
+        last
     }
 
     /// `info` with the hints its rule set allows.
@@ -71,6 +98,9 @@ impl Hints {
             }
             if self.any_peer.get(&sd).is_none_or(BTreeSet::is_empty) {
                 flags |= ep_flag(ep_flags::NO_ANY_PEER, dir);
+            }
+            if self.redirect.get(&sd).is_some_and(|s| !s.is_empty()) {
+                flags |= ep_flag(ep_flags::L7, dir);
             }
         }
         EndpointInfo { flags, ..info }
@@ -87,8 +117,25 @@ impl Hints {
     }
 
     /// Record an entry about to be written; returns endpoints to rewrite first.
-    pub(crate) fn before_upsert(&mut self, k: &PolicyEntryKey) -> Vec<(u32, EndpointInfo)> {
-        if self.add(k) {
+    pub(crate) fn before_upsert(
+        &mut self,
+        k: &PolicyEntryKey,
+        v: &PolicyValue,
+    ) -> Vec<(u32, EndpointInfo)> {
+        if self.add(k, v) {
+            self.rewrites(k.key.subject)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// After an entry was written: an entry that stopped being a redirect may end its class.
+    pub(crate) fn after_upsert(
+        &mut self,
+        k: &PolicyEntryKey,
+        v: &PolicyValue,
+    ) -> Vec<(u32, EndpointInfo)> {
+        if !is_redirect(v) && self.remove(k, [false, false, true]) {
             self.rewrites(k.key.subject)
         } else {
             Vec::new()
@@ -97,18 +144,16 @@ impl Hints {
 
     /// Record an entry just removed; returns endpoints to rewrite now.
     pub(crate) fn after_remove(&mut self, k: &PolicyEntryKey) -> Vec<(u32, EndpointInfo)> {
-        let (sd, trie, any) = class(k);
-        let mut last = false;
-        for (hit, sets) in [(trie, &mut self.trie), (any, &mut self.any_peer)] {
-            if hit && let Some(set) = sets.get_mut(&sd) {
-                last |= set.remove(k) && set.is_empty();
-            }
-        }
-        if last {
+        if self.remove(k, [true, true, true]) {
             self.rewrites(k.key.subject)
         } else {
             Vec::new()
         }
+    }
+
+    /// The endpoint id of the endpoint at `ifindex`, if one is recorded.
+    pub(crate) fn endpoint_id(&self, ifindex: u32) -> Option<u32> {
+        self.endpoints.get(&ifindex).map(|i| i.endpoint_id)
     }
 
     fn rewrites(&self, ruleset: u32) -> Vec<(u32, EndpointInfo)> {

@@ -22,7 +22,7 @@ pub use attach::nix_ifindex as ifindex;
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
-    programs::{SchedClassifier, Xdp, tc::TcAttachType},
+    programs::{SchedClassifier, Xdp},
 };
 use aya_obj::programs::XdpAttachType;
 pub use events::{AsyncEventStream, EventStream};
@@ -92,6 +92,7 @@ pub(crate) const FROM_ENDPOINT: &str = "from_endpoint";
 pub(crate) const TO_ENDPOINT: &str = "to_endpoint";
 pub(crate) const PREFILTER: &str = "prefilter";
 pub(crate) const FLOOR: &str = "floor";
+pub(crate) const FROM_UPLINK: &str = "from_uplink";
 
 /// Typed handles on every map.
 pub(crate) struct Maps {
@@ -100,6 +101,7 @@ pub(crate) struct Maps {
     ipcache4: LpmTrie<MapData, u32, IpcacheValue>,
     ipcache6: LpmTrie<MapData, [u32; 4], IpcacheValue>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    endpoints_by_id: HashMap<MapData, u32, EndpointInfo>,
     policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     revision: Array<MapData, u32>,
@@ -118,6 +120,7 @@ pub(crate) struct Programs {
     from_endpoint: SchedClassifier,
     to_endpoint: SchedClassifier,
     prefilter: Xdp,
+    from_uplink: SchedClassifier,
     floor: SchedClassifier,
 }
 
@@ -160,7 +163,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
-        if ![FROM_ENDPOINT, TO_ENDPOINT, PREFILTER, FLOOR]
+        if ![FROM_ENDPOINT, TO_ENDPOINT, FROM_UPLINK, PREFILTER, FLOOR]
             .iter()
             .all(|p| progs_dir.join(p).exists())
         {
@@ -225,7 +228,7 @@ impl Datapath {
 fn install_programs(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    for name in [FROM_ENDPOINT, TO_ENDPOINT, FLOOR] {
+    for name in [FROM_ENDPOINT, TO_ENDPOINT, FROM_UPLINK, FLOOR] {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
         prog.load()
             .map_err(|source| Error::Program { name, source })?;
@@ -264,6 +267,7 @@ impl Programs {
         Ok(Programs {
             from_endpoint: tc(FROM_ENDPOINT)?,
             to_endpoint: tc(TO_ENDPOINT)?,
+            from_uplink: tc(FROM_UPLINK)?,
             floor: tc(FLOOR)?,
             prefilter: Xdp::from_pin(dir.join(PREFILTER), XdpAttachType::Interface).map_err(
                 |source| Error::Program {
@@ -274,9 +278,10 @@ impl Programs {
         })
     }
 
-    fn tc(&mut self, hook: TcAttachType) -> &mut SchedClassifier {
-        match hook {
-            TcAttachType::Egress => &mut self.to_endpoint,
+    fn tc(&mut self, name: &str) -> &mut SchedClassifier {
+        match name {
+            TO_ENDPOINT => &mut self.to_endpoint,
+            FROM_UPLINK => &mut self.from_uplink,
             _ => &mut self.from_endpoint,
         }
     }

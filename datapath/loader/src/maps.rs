@@ -96,6 +96,7 @@ impl Maps {
             ipcache4: take(ebpf, "IPCACHE4")?,
             ipcache6: take(ebpf, "IPCACHE6")?,
             endpoints: take(ebpf, "ENDPOINTS")?,
+            endpoints_by_id: take(ebpf, "ENDPOINTS_BY_ID")?,
             policy_exact: take(ebpf, "POLICY_EXACT")?,
             policy: take(ebpf, "POLICY")?,
             revision: take(ebpf, "REVISION")?,
@@ -126,24 +127,39 @@ impl Datapath {
                 let info = self.hints.set_endpoint(ifindex, info);
                 return self.write_endpoint(ifindex, info);
             }
-            MapOp::EndpointRemove(ifindex) => self.hints.remove_endpoint(ifindex),
-            MapOp::PolicyUpsert(k, _) => {
-                for (ifindex, info) in self.hints.before_upsert(&k) {
+            MapOp::EndpointRemove(ifindex) => {
+                if let Some(id) = self.hints.endpoint_id(ifindex) {
+                    ignore_missing(self.maps.endpoints_by_id.remove(&id))
+                        .map_err(map_err("ENDPOINTS_BY_ID"))?;
+                }
+                self.hints.remove_endpoint(ifindex);
+            }
+            MapOp::PolicyUpsert(k, v) => {
+                for (ifindex, info) in self.hints.before_upsert(&k, &v) {
                     self.write_endpoint(ifindex, info)?;
                 }
             }
             _ => {}
         }
         self.write(op)?;
-        if let MapOp::PolicyRemove(k) = op {
-            for (ifindex, info) in self.hints.after_remove(k) {
-                self.write_endpoint(ifindex, info)?;
-            }
+        let after = match *op {
+            MapOp::PolicyRemove(k) => self.hints.after_remove(&k),
+            MapOp::PolicyUpsert(k, v) => self.hints.after_upsert(&k, &v),
+            _ => Vec::new(),
+        };
+        for (ifindex, info) in after {
+            self.write_endpoint(ifindex, info)?;
         }
         Ok(())
     }
 
+    /// Both endpoint maps: by ifindex (the hooks' own endpoint) and by endpoint id (a
+    /// destination's policy, for steering).
     fn write_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        self.maps
+            .endpoints_by_id
+            .insert(info.endpoint_id, info, 0)
+            .map_err(map_err("ENDPOINTS_BY_ID"))?;
         self.maps
             .endpoints
             .insert(ifindex, info, 0)

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use aya::programs::{TestRun, TestRunOptions};
 
-use crate::{Datapath, Error, FLOOR, FROM_ENDPOINT, PREFILTER, Result, TO_ENDPOINT};
+use crate::{Datapath, Error, FLOOR, FROM_ENDPOINT, FROM_UPLINK, PREFILTER, Result, TO_ENDPOINT};
 
 /// Which program to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +12,7 @@ pub enum Hook {
     FromEndpoint,
     ToEndpoint,
     Prefilter,
+    FromUplink,
     /// An empty TC program: the floor for benchmarks.
     Floor,
 }
@@ -59,6 +60,7 @@ impl Datapath {
             Hook::FromEndpoint => (FROM_ENDPOINT, self.programs.from_endpoint.test_run(opts)),
             Hook::ToEndpoint => (TO_ENDPOINT, self.programs.to_endpoint.test_run(opts)),
             Hook::Prefilter => (PREFILTER, self.programs.prefilter.test_run(opts)),
+            Hook::FromUplink => (FROM_UPLINK, self.programs.from_uplink.test_run(opts)),
             Hook::Floor => (FLOOR, self.programs.floor.test_run(opts)),
         };
         let r = r.map_err(|source| Error::Program { name, source })?;

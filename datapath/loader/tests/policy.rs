@@ -627,3 +627,62 @@ fn a_new_process_adopts_pinned_state() {
     Datapath::reset(&root.0).unwrap();
     assert!(!std::path::Path::new(&root.0).exists());
 }
+
+/// Destination B (endpoint 20, rule set 6) redirects TCP 80 from A's identity to the proxy.
+fn with_redirecting_destination(dp: &mut Datapath) {
+    dp.apply(&[
+        // B lives on another interface (never run here): only its id matters for steering.
+        MapOp::EndpointSet(9999, endpoint(20, PEER_IDENTITY, 6, &[INGRESS])),
+        MapOp::IpcacheUpsert(net("10.244.1.3/32"), ipc(PEER_IDENTITY, 20)),
+        MapOp::PolicyUpsert(
+            pkey(6, EP_IDENTITY, INGRESS, TCP, 80, 16),
+            moat_common::PolicyValue {
+                action: action::REDIRECT,
+                audit_action: action::REDIRECT,
+                proxy_port: 15999,
+                rule_id: 62,
+                audit_rule_id: 62,
+            },
+        ),
+    ])
+    .unwrap();
+}
+
+#[test]
+fn local_destination_redirect_is_steered_by_the_source_and_fails_closed() {
+    let (_root, mut dp) = setup("dstredirect", &[]);
+    with_redirecting_destination(&mut dp);
+    // A's own egress allows everything; B's ingress wants the proxy, which is not there.
+    let to_b = packet(v4(ME), v4(PEER), tcp(SYN, 40000, 80));
+    assert_eq!(run(&dp, Hook::FromEndpoint, &to_b), SHOT);
+    assert_eq!(verdicts(&dp, EGRESS, verdict::DROPPED, reason::NO_PROXY), 1);
+    // Another port is not redirected.
+    let other = packet(v4(ME), v4(PEER), tcp(SYN, 40000, 81));
+    assert_eq!(run(&dp, Hook::FromEndpoint, &other), OK);
+    // Once the redirect entry is gone, so is the L7 hint, and the flow goes direct.
+    dp.apply(&[MapOp::PolicyRemove(pkey(6, EP_IDENTITY, INGRESS, TCP, 80, 16))])
+        .unwrap();
+    assert_eq!(dp.endpoints().unwrap()[&9999].flags & moat_common::ep_flags::HINTS, 0);
+    assert_eq!(run(&dp, Hook::FromEndpoint, &to_b), OK);
+}
+
+#[test]
+fn uplink_steers_redirected_flows_and_passes_the_rest() {
+    let (_root, mut dp) = setup("uplink", &[]);
+    with_redirecting_destination(&mut dp);
+    // From another node's pod with A's identity to B:80: must reach the proxy; none is
+    // listening, so it is dropped (fail closed) and counted.
+    dp.apply(&[MapOp::IpcacheUpsert(net("10.244.2.5/32"), ipc(EP_IDENTITY, 0))])
+        .unwrap();
+    let remote = packet(v4("10.244.2.5"), v4(PEER), tcp(SYN, 40000, 80));
+    assert_eq!(run(&dp, Hook::FromUplink, &remote), SHOT);
+    assert_eq!(verdicts(&dp, INGRESS, verdict::DROPPED, reason::NO_PROXY), 1);
+    // Other ports, other peers, other destinations: untouched (no verdict of its own).
+    let other_port = packet(v4("10.244.2.5"), v4(PEER), tcp(SYN, 40000, 81));
+    let other_peer = packet(v4(OUTSIDE), v4(PEER), tcp(SYN, 40000, 80));
+    let other_dst = packet(v4("10.244.2.5"), v4(ME), tcp(SYN, 40000, 80));
+    for p in [&other_port, &other_peer, &other_dst] {
+        assert_eq!(run(&dp, Hook::FromUplink, p), OK);
+    }
+    assert_eq!(dp.verdict_counters().unwrap().len(), 1);
+}

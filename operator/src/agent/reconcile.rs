@@ -205,7 +205,7 @@ impl Reconciler {
         self.attached.clear();
         self.uplinks.clear();
         for (ifname, hook) in self.dp.attachments()? {
-            if hook == "prefilter" {
+            if hook == "prefilter" || hook == "from_uplink" {
                 self.uplinks.insert(ifname);
             } else {
                 self.attached.insert(ifname);
