@@ -159,6 +159,43 @@ impl FlowContext {
         })
     }
 
+    /// The flow an L7 verdict describes.
+    pub fn l7_flow(&self, ev: &crate::l7::L7Event) -> Flow {
+        use crate::l7::L7Verdict;
+        let rule = ev.rule_id.and_then(|r| self.rule(r));
+        Flow {
+            time_ns: ev
+                .time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            verdict: match ev.verdict {
+                L7Verdict::Allowed => "FORWARDED",
+                _ => "DROPPED",
+            }
+            .into(),
+            reason: match ev.verdict {
+                L7Verdict::Allowed => "policy",
+                L7Verdict::Denied => "l7-denied",
+                L7Verdict::Invalid => "l7-invalid",
+            }
+            .into(),
+            direction: ev.direction.map_or("", |d| d.as_str()).into(),
+            event: "l7".into(),
+            protocol: "TCP".into(),
+            // The proxy reports addresses; names come from the context, identities stay 0.
+            source: self.end(ev.src.ip(), ev.src.port(), 0),
+            destination: self.end(ev.dst.ip(), ev.dst.port(), 0),
+            rule,
+            audit_rule: None,
+            http: Some(FlowHttp {
+                method: ev.method.clone(),
+                path: ev.path.clone(),
+                status: ev.status,
+            }),
+            bytes: 0,
+        }
+    }
+
     /// The flow an event describes.
     pub fn flow(&self, ev: &Event) -> Flow {
         let addr = |w: [u32; 4]| -> IpAddr {
@@ -400,6 +437,18 @@ impl FlowHub {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Flow>> {
         self.live.subscribe()
+    }
+
+    /// Turn the proxy's verdicts into flows for as long as the channel lasts.
+    pub async fn run_l7(
+        self,
+        mut events: tokio::sync::mpsc::Receiver<crate::l7::L7Event>,
+        ctx: watch::Receiver<Arc<FlowContext>>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            let flow = ctx.borrow().l7_flow(&ev);
+            self.push(flow);
+        }
     }
 
     /// Turn datapath events into flows for as long as the stream lasts.

@@ -10,6 +10,7 @@ pub mod compiler;
 pub mod control;
 pub mod flows;
 pub mod identity;
+pub mod l7;
 pub mod metrics;
 pub mod model;
 pub mod scenario;

@@ -1,5 +1,6 @@
 //! The per-node agent: a source (Kubernetes API or a directory) feeding the reconciler, the
 //! sole owner of the datapath, which publishes its status to the control socket.
+pub mod l7;
 pub mod reconcile;
 pub mod status;
 
@@ -13,10 +14,11 @@ use crate::{
     compiler::CompileConfig,
     control::{self, server::ServerContext},
     flows::{FlowContext, FlowHub},
+    l7::{L7Policy, L7Stats},
     metrics::AgentMetrics,
     source::{SourceState, file::FileSource},
 };
-use reconcile::Reconciler;
+use reconcile::{Publishers, Reconciler};
 use status::AgentStatus;
 
 /// Where the agent learns the world.
@@ -84,9 +86,27 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         ..AgentStatus::default()
     }));
     let (flow_ctx_tx, flow_ctx_rx) = watch::channel(Arc::new(FlowContext::default()));
+    let (l7_policy_tx, l7_policy_rx) = watch::channel(Arc::new(L7Policy::empty()));
+    let (l7_stats_tx, l7_stats_rx) = watch::channel(Arc::new(L7Stats::default()));
+    let (l7_events_tx, l7_events_rx) = tokio::sync::mpsc::channel(4096);
     let metrics = AgentMetrics::default();
     let flows = FlowHub::default();
-    let flows_task = tokio::spawn(flows.clone().run(events, flow_ctx_rx));
+    let flows_task = tokio::spawn(flows.clone().run(events, flow_ctx_rx.clone()));
+    let l7_flows_task = tokio::spawn(flows.clone().run_l7(l7_events_rx, flow_ctx_rx));
+
+    // Steered packets reach the proxy only with the fwmark routing in place; without it they
+    // are dropped (fail closed), so a failure here is reported, not fatal.
+    if let Err(e) = l7::install_steering_routes().await {
+        error!("L7 steering: {e}; redirected flows will be dropped");
+    }
+    let proxy_stop = tokio_util::sync::CancellationToken::new();
+    let proxy_task = tokio::spawn(l7::run_proxy(
+        cfg.proxy_port,
+        l7_policy_rx,
+        l7_events_tx,
+        l7_stats_tx,
+        proxy_stop.clone(),
+    ));
     let mut reconciler = Reconciler::new(
         dp,
         cfg.node_name.clone(),
@@ -95,8 +115,11 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             proxy_port: cfg.proxy_port,
         },
         cfg.uplinks.clone(),
-        status_tx,
-        flow_ctx_tx,
+        Publishers {
+            status: status_tx,
+            flow_ctx: flow_ctx_tx,
+            l7_policy: l7_policy_tx,
+        },
         metrics.clone(),
     )?;
     let (req_tx, mut req_rx) = tokio::sync::mpsc::channel(16);
@@ -120,6 +143,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         requests: req_tx,
         metrics,
         flows,
+        l7_stats: l7_stats_rx,
     }));
     let mut stop = stop_rx.clone();
     let control_path = cfg.control_socket.clone();
@@ -168,6 +192,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     source_task.abort();
     flows_task.abort();
+    l7_flows_task.abort();
+    proxy_stop.cancel();
+    let _ = proxy_task.await;
     let _ = reconcile_task.await;
     let _ = control_task.await;
     if let Some(t) = metrics_task {

@@ -24,6 +24,7 @@ use crate::{
     },
     flows::FlowContext,
     identity::Allocations,
+    l7::L7Policy,
     metrics::{AgentMetrics, MapFill, Snapshot},
     model::Policy,
     source::SourceState,
@@ -47,11 +48,17 @@ pub struct Reconciler {
     uplinks: BTreeSet<String>,
     /// Uplinks from the command line; the source's own list wins when it names some.
     default_uplinks: Vec<String>,
-    status: watch::Sender<Arc<AgentStatus>>,
-    flow_ctx: watch::Sender<Arc<FlowContext>>,
+    out: Publishers,
     metrics: AgentMetrics,
     desired: Option<Arc<DesiredState>>,
     writes: u64,
+}
+
+/// Where the reconciler publishes what it did, for the tasks that read it.
+pub struct Publishers {
+    pub status: watch::Sender<Arc<AgentStatus>>,
+    pub flow_ctx: watch::Sender<Arc<FlowContext>>,
+    pub l7_policy: watch::Sender<Arc<L7Policy>>,
 }
 
 /// What other tasks may ask of the reconciler (it alone touches the maps).
@@ -73,15 +80,13 @@ pub enum ReconcileError {
 
 impl Reconciler {
     /// Open (or adopt) the datapath pinned at `pin_root` and read back what it holds.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dp: Datapath,
         node: String,
         state_dir: &Path,
         compile_cfg: CompileConfig,
         default_uplinks: Vec<String>,
-        status: watch::Sender<Arc<AgentStatus>>,
-        flow_ctx: watch::Sender<Arc<FlowContext>>,
+        out: Publishers,
         metrics: AgentMetrics,
     ) -> Result<Self, ReconcileError> {
         std::fs::create_dir_all(state_dir).map_err(|source| ReconcileError::State {
@@ -100,8 +105,7 @@ impl Reconciler {
             attached: BTreeSet::new(),
             uplinks: BTreeSet::new(),
             default_uplinks,
-            status,
-            flow_ctx,
+            out,
             metrics,
             desired: None,
             writes: 0,
@@ -166,7 +170,7 @@ impl Reconciler {
                 ),
             ],
             endpoints: m.endpoints.len() as u64,
-            identities: self.status.borrow().identities as u64,
+            identities: self.out.status.borrow().identities as u64,
             map_writes: self.writes,
             l7: Default::default(),
         }
@@ -274,7 +278,10 @@ impl Reconciler {
             .filter(|(_, v)| v.identity >= moat_common::identity::FIRST_CIDR)
             .map(|(n, _)| *n)
             .collect();
-        self.flow_ctx.send_replace(Arc::new(FlowContext::new(
+        self.out
+            .l7_policy
+            .send_replace(Arc::new(L7Policy::from_state(&desired)));
+        self.out.flow_ctx.send_replace(Arc::new(FlowContext::new(
             &source.model,
             &desired.rules,
             cidrs,
@@ -447,7 +454,7 @@ impl Reconciler {
                 selected_endpoints: outcome.selected_endpoints,
             });
         }
-        let previous = self.status.borrow().clone();
+        let previous = self.out.status.borrow().clone();
         let status = AgentStatus {
             node: self.node.clone(),
             source_digest: Some(source.digest.clone()),
@@ -472,7 +479,7 @@ impl Reconciler {
             overflows,
             errors,
         };
-        self.status.send_replace(Arc::new(status));
+        self.out.status.send_replace(Arc::new(status));
     }
 }
 

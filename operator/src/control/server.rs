@@ -19,6 +19,8 @@ pub struct ServerContext {
     pub requests: mpsc::Sender<Request>,
     pub metrics: AgentMetrics,
     pub flows: FlowHub,
+    /// The running proxy's counters (replaced when the proxy restarts).
+    pub l7_stats: watch::Receiver<Arc<crate::l7::L7Stats>>,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -63,12 +65,18 @@ async fn metrics(ctx: Arc<ServerContext>) -> Result<warp::reply::Response, Infal
         Ok(()) => rx.await.ok(),
         Err(_) => None,
     };
-    let Some(snapshot) = snapshot else {
+    let Some(mut snapshot) = snapshot else {
         return Ok(warp::http::Response::builder()
             .status(StatusCode::SERVICE_UNAVAILABLE)
             .body("the reconciler is not running\n".into())
             .expect("static response"));
     };
+    for (key, n) in ctx.l7_stats.borrow().requests() {
+        *snapshot
+            .l7
+            .entry((key.rule_id, key.method.to_owned(), key.verdict.as_str()))
+            .or_default() += n;
+    }
     let text = crate::metrics::encode(&ctx.metrics, snapshot);
     Ok(warp::http::Response::builder()
         .header("content-type", OPENMETRICS)

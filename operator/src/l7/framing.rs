@@ -191,8 +191,8 @@ fn connection_has(v: &[u8], token: &[u8]) -> bool {
 
 /// Parses a request head at the start of `buf`.
 ///
-/// `Ok(None)`: incomplete, read more (the caller answers 431 once `buf` holds
-/// `limits.max_bytes` without a complete head, see [`head_incomplete_over_limit`]).
+/// `Ok(None)`: incomplete, read more. A buffer of `limits.max_bytes` without a complete head
+/// is `Err` 431, so the caller's buffer stays bounded.
 pub fn parse_request_head(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, Reject> {
     let mut storage = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut req = httparse::Request::new(&mut storage);
@@ -202,14 +202,11 @@ pub fn parse_request_head(buf: &[u8], limits: &HeadLimits) -> Result<Option<Requ
             if buf.len() >= limits.max_bytes {
                 return Err(Reject::too_large("request head too large"));
             }
-            // A bare LF already seen is refused early, so a slow client cannot hide one.
-            let end = buf.len().min(limits.max_bytes);
-            let seen = &buf[..end];
-            if seen.iter().any(|&b| b == b'\n') {
-                let last_nl = seen.iter().rposition(|&b| b == b'\n').unwrap_or(0);
-                if has_bare_lf(&seen[..=last_nl]) {
-                    return Err(Reject::bad("bare LF in request head"));
-                }
+            // A bare LF already seen is refused at once rather than after the whole head.
+            if let Some(last_nl) = buf.iter().rposition(|&b| b == b'\n')
+                && has_bare_lf(&buf[..=last_nl])
+            {
+                return Err(Reject::bad("bare LF in request head"));
             }
             return Ok(None);
         }
@@ -322,11 +319,6 @@ pub fn parse_request_head(buf: &[u8], limits: &HeadLimits) -> Result<Option<Requ
         upgrade,
         head_len,
     }))
-}
-
-/// Whether the partial head in `buf` can no longer fit the limit.
-pub fn head_incomplete_over_limit(buf: &[u8], limits: &HeadLimits) -> bool {
-    buf.len() >= limits.max_bytes
 }
 
 /// A parsed response head: the proxy forwards the raw bytes and uses this for framing.
@@ -466,15 +458,27 @@ impl Default for ChunkLimits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ChunkState {
     /// Reading hex digits (at least one).
-    Size { value: u64, digits: u8 },
+    Size {
+        value: u64,
+        digits: u8,
+    },
     /// Whitespace after the size.
-    SizeLws { value: u64 },
+    SizeLws {
+        value: u64,
+    },
     /// Inside `;ext`.
-    Extension { value: u64, len: usize },
+    Extension {
+        value: u64,
+        len: usize,
+    },
     /// Expecting LF after the size line's CR.
-    SizeLf { value: u64 },
+    SizeLf {
+        value: u64,
+    },
     /// Chunk data left.
-    Data { left: u64 },
+    Data {
+        left: u64,
+    },
     DataCr,
     DataLf,
     /// After the last chunk: the trailer section, collected in `trailers`.
@@ -522,7 +526,11 @@ impl ChunkedDecoder {
     /// Consumes a prefix of `input` and appends the re-encoded bytes to `out` (if given).
     /// Returns how many input bytes were consumed: all of them unless the body ended
     /// earlier (the rest belongs to the next message).
-    pub fn decode(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> Result<usize, ChunkError> {
+    pub fn decode(
+        &mut self,
+        input: &[u8],
+        mut out: Option<&mut Vec<u8>>,
+    ) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -567,7 +575,10 @@ impl ChunkedDecoder {
                             {
                                 return Err(ChunkError("chunk extensions too large"));
                             }
-                            self.state = ChunkState::Extension { value, len: len + 1 };
+                            self.state = ChunkState::Extension {
+                                value,
+                                len: len + 1,
+                            };
                         }
                         _ => return Err(ChunkError("invalid byte in chunk extension")),
                     }
@@ -734,32 +745,62 @@ mod tests {
         assert_eq!(h.target.path, "/b");
         assert_eq!(h.body, BodyKind::Empty);
         assert!(h.keep_alive);
-        assert_eq!(h.head_len, 34);
+        assert_eq!(h.head_len, 35);
         assert_eq!(h.serialize(), b"GET /b?q HTTP/1.1\r\nHost: x\r\n\r\n");
     }
 
     #[test]
     fn framing_rules() {
-        let h = parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let h = parse(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(h.body, BodyKind::Chunked);
         assert!(h.close_after && !h.keep_alive);
-        assert!(!String::from_utf8(h.serialize()).unwrap().contains("Content-Length"));
-        assert_eq!(status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"), 400);
-        assert_eq!(status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"), 400);
-        assert_eq!(status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"), 400);
-        assert_eq!(status("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
-        assert_eq!(status("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), 400);
-        let h = parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        assert!(
+            !String::from_utf8(h.serialize())
+                .unwrap()
+                .contains("Content-Length")
+        );
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"),
+            400
+        );
+        let h =
+            parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(h.body, BodyKind::Length(5));
         assert_eq!(
             h.serialize(),
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
         );
-        for cl in ["+5", "-5", "0x5", "5 5", "5,5", "", "99999999999999999999999"] {
+        for cl in [
+            "+5",
+            "-5",
+            "0x5",
+            "5 5",
+            "5,5",
+            "",
+            "99999999999999999999999",
+        ] {
             let s = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {cl}\r\n\r\n");
             assert_eq!(status(&s), 400, "{cl:?}");
         }
@@ -772,20 +813,30 @@ mod tests {
 
     #[test]
     fn keep_alive_rules() {
-        let h = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap();
+        let h = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(h.keep_alive);
         let h = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive);
-        let h = parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: foo, Close\r\n\r\n").unwrap().unwrap();
+        let h = parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: foo, Close\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive);
     }
 
     #[test]
     fn limits() {
-        let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(20000));
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+            "a".repeat(20000)
+        );
         assert_eq!(status(&big), 431);
         let many: String = (0..101).map(|i| format!("X{i}: y\r\n")).collect();
-        assert_eq!(status(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")), 431);
+        assert_eq!(
+            status(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")),
+            431
+        );
     }
 
     fn decode_all(input: &[u8]) -> Result<(usize, Vec<u8>, bool), ChunkError> {
@@ -798,7 +849,7 @@ mod tests {
     #[test]
     fn chunked_decoding() {
         let (n, out, done) = decode_all(b"5;x=y\r\nhello\r\n0\r\n\r\nNEXT").unwrap();
-        assert_eq!((n, done), (22, true));
+        assert_eq!((n, done), (19, true));
         assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
         let (_, out, done) = decode_all(b"A \r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n").unwrap();
         assert!(done);
@@ -827,7 +878,10 @@ mod tests {
         assert!(d.is_done());
         assert_eq!(used, input.len() - 2);
         assert_eq!(d.data_bytes(), 19);
-        assert_eq!(out, b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: v\r\n\r\n");
+        assert_eq!(
+            out,
+            b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: v\r\n\r\n"
+        );
     }
 
     #[test]
@@ -841,11 +895,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.body, BodyKind::Length(3));
-        let r = parse_response_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n", ctx, &l)
+        let r = parse_response_head(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n",
+            ctx,
+            &l,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.body, BodyKind::Empty);
+        let r = parse_response_head(b"HTTP/1.1 200 OK\r\n\r\n", ctx, &l)
             .unwrap()
             .unwrap();
-        assert_eq!(r.body, BodyKind::Empty);
-        let r = parse_response_head(b"HTTP/1.1 200 OK\r\n\r\n", ctx, &l).unwrap().unwrap();
         assert_eq!(r.body, BodyKind::Close);
         assert!(!r.keep_alive);
         let head = RequestContext {
@@ -856,6 +916,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.body, BodyKind::Empty);
-        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", ctx, &l).is_err());
+        assert!(
+            parse_response_head(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                ctx,
+                &l
+            )
+            .is_err()
+        );
     }
 }

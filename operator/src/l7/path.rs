@@ -117,7 +117,8 @@ pub fn normalize_target(method: &str, raw: &str) -> Result<Target, PathError> {
         let ok = !raw.is_empty()
             && !raw.starts_with('/')
             && raw.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']')
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']')
             });
         return if ok {
             Ok(Target {
@@ -236,7 +237,14 @@ mod tests {
 
     #[test]
     fn plain_paths_are_unchanged() {
-        for p in ["/", "/a", "/a/b", "/a/b/", "/v1/request-landing", "/a:b@c;d=e,f"] {
+        for p in [
+            "/",
+            "/a",
+            "/a/b",
+            "/a/b/",
+            "/v1/request-landing",
+            "/a:b@c;d=e,f",
+        ] {
             assert_eq!(n(p).unwrap(), p);
         }
     }
@@ -281,10 +289,7 @@ mod tests {
         assert_eq!(t.path, "/b");
         assert_eq!(t.forward_form(), "/b?x=/../y&z");
         assert_eq!(normalize_target("OPTIONS", "*").unwrap().path, "*");
-        assert_eq!(
-            normalize_target("GET", "*").unwrap_err(),
-            PathError::Form
-        );
+        assert_eq!(normalize_target("GET", "*").unwrap_err(), PathError::Form);
         assert_eq!(
             normalize_target("GET", "http://x/a").unwrap_err(),
             PathError::Form
@@ -297,7 +302,10 @@ mod tests {
             normalize_target("CONNECT", "/x").unwrap_err(),
             PathError::Form
         );
-        assert_eq!(normalize_target("GET", "/a#f").unwrap_err(), PathError::Byte);
+        assert_eq!(
+            normalize_target("GET", "/a#f").unwrap_err(),
+            PathError::Byte
+        );
     }
 
     #[test]
