@@ -8,9 +8,7 @@
 //! intermediate state skips a live entry or misses a redirect.
 use std::collections::{BTreeMap, BTreeSet};
 
-use moat_common::{
-    EndpointInfo, PolicyValue, action, ep_flag, ep_flags, identity, policy_prefix,
-};
+use moat_common::{EndpointInfo, PolicyValue, action, ep_flag, ep_flags, identity, policy_prefix};
 
 use crate::PolicyEntryKey;
 
@@ -77,9 +75,10 @@ impl Hints {
     fn remove(&mut self, k: &PolicyEntryKey, classes: [bool; 3]) -> bool {
         let (sd, _, _) = class(k);
         let mut last = false;
-        for (hit, sets) in classes
-            .into_iter()
-            .zip([&mut self.trie, &mut self.any_peer, &mut self.redirect])
+        for (hit, sets) in
+            classes
+                .into_iter()
+                .zip([&mut self.trie, &mut self.any_peer, &mut self.redirect])
         {
             if hit && let Some(set) = sets.get_mut(&sd) {
                 last |= set.remove(k) && set.is_empty();

@@ -660,9 +660,19 @@ fn local_destination_redirect_is_steered_by_the_source_and_fails_closed() {
     let other = packet(v4(ME), v4(PEER), tcp(SYN, 40000, 81));
     assert_eq!(run(&dp, Hook::FromEndpoint, &other), OK);
     // Once the redirect entry is gone, so is the L7 hint, and the flow goes direct.
-    dp.apply(&[MapOp::PolicyRemove(pkey(6, EP_IDENTITY, INGRESS, TCP, 80, 16))])
-        .unwrap();
-    assert_eq!(dp.endpoints().unwrap()[&9999].flags & moat_common::ep_flags::HINTS, 0);
+    dp.apply(&[MapOp::PolicyRemove(pkey(
+        6,
+        EP_IDENTITY,
+        INGRESS,
+        TCP,
+        80,
+        16,
+    ))])
+    .unwrap();
+    assert_eq!(
+        dp.endpoints().unwrap()[&9999].flags & moat_common::ep_flags::HINTS,
+        0
+    );
     assert_eq!(run(&dp, Hook::FromEndpoint, &to_b), OK);
 }
 
@@ -672,11 +682,17 @@ fn uplink_steers_redirected_flows_and_passes_the_rest() {
     with_redirecting_destination(&mut dp);
     // From another node's pod with A's identity to B:80: must reach the proxy; none is
     // listening, so it is dropped (fail closed) and counted.
-    dp.apply(&[MapOp::IpcacheUpsert(net("10.244.2.5/32"), ipc(EP_IDENTITY, 0))])
-        .unwrap();
+    dp.apply(&[MapOp::IpcacheUpsert(
+        net("10.244.2.5/32"),
+        ipc(EP_IDENTITY, 0),
+    )])
+    .unwrap();
     let remote = packet(v4("10.244.2.5"), v4(PEER), tcp(SYN, 40000, 80));
     assert_eq!(run(&dp, Hook::FromUplink, &remote), SHOT);
-    assert_eq!(verdicts(&dp, INGRESS, verdict::DROPPED, reason::NO_PROXY), 1);
+    assert_eq!(
+        verdicts(&dp, INGRESS, verdict::DROPPED, reason::NO_PROXY),
+        1
+    );
     // Other ports, other peers, other destinations: untouched (no verdict of its own).
     let other_port = packet(v4("10.244.2.5"), v4(PEER), tcp(SYN, 40000, 81));
     let other_peer = packet(v4(OUTSIDE), v4(PEER), tcp(SYN, 40000, 80));
