@@ -11,6 +11,7 @@ pub mod control;
 pub mod flows;
 pub mod identity;
 pub mod l7;
+pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod scenario;

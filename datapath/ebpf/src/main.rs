@@ -280,10 +280,15 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
     )
 }
 
-/// The endpoint's own decision, plus, for an allowed egress flow to a local destination whose
-/// ingress policy redirects it to the L7 proxy, that redirect: `bpf_sk_assign` only works at
-/// TC ingress, so the source's hook steers on the destination's behalf. The destination's
-/// `to_endpoint` still makes (and counts) its own decision on the proxy's upstream flow.
+/// The endpoint's own decision, completed for egress flows to a local destination that will
+/// go through the L7 proxy:
+/// - the destination's ingress policy redirects: `bpf_sk_assign` only works at TC ingress,
+///   so the source's hook steers on the destination's behalf;
+/// - the source's own egress policy redirects: the proxy's upstream connection carries the
+///   mark the destination's `to_endpoint` trusts, so the destination's L3/L4 ingress
+///   decision is made here instead, and a denial drops the flow before the proxy sees it.
+///
+/// Otherwise the destination's `to_endpoint` makes (and counts) its own decision as usual.
 #[inline(always)]
 fn decide_with_destination(
     ep: &EndpointInfo,
@@ -292,13 +297,34 @@ fn decide_with_destination(
     pkt: &Packet,
 ) -> Decision {
     let mut d = decide(ep, dir, peer, pkt);
-    if dir == direction::EGRESS
-        && d.action == action::ALLOW
-        && peer.endpoint_id != ep.endpoint_id
-        && let Some(port) = destination_redirect(peer, ep.identity, pkt)
+    if dir != direction::EGRESS
+        || d.action == action::DENY
+        || peer.endpoint_id == 0
+        || peer.endpoint_id == ep.endpoint_id
+        || pkt.protocol != IPPROTO_TCP
     {
+        return d;
+    }
+    // SAFETY: plain data, copied out at once.
+    let Some(dst_ep) = (unsafe { ENDPOINTS_BY_ID.get(peer.endpoint_id) }).copied() else {
+        return d;
+    };
+    let dst_l7 = dst_ep.flags & ep_flag(ep_flags::L7, direction::INGRESS) != 0;
+    if d.action != action::REDIRECT && !dst_l7 {
+        return d;
+    }
+    let src = IpcacheValue {
+        identity: ep.identity,
+        endpoint_id: ep.endpoint_id,
+        flags: 0,
+    };
+    let theirs = decide(&dst_ep, direction::INGRESS, &src, pkt);
+    if theirs.action == action::DENY && d.action == action::REDIRECT {
+        return theirs;
+    }
+    if theirs.action == action::REDIRECT && d.action == action::ALLOW {
         d.action = action::REDIRECT;
-        d.proxy_port = port;
+        d.proxy_port = theirs.proxy_port;
     }
     d
 }

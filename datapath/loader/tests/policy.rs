@@ -702,3 +702,42 @@ fn uplink_steers_redirected_flows_and_passes_the_rest() {
     }
     assert_eq!(dp.verdict_counters().unwrap().len(), 1);
 }
+
+#[test]
+fn source_redirect_does_not_bypass_the_destinations_ingress_policy() {
+    // A's egress sends TCP 80 to the proxy; local destination B is isolated for ingress and
+    // does not allow A. The proxy's marked upstream would be trusted by B's to-endpoint, so
+    // B's decision is made at A's hook: dropped before the proxy, charged to B's isolation.
+    let (_root, mut dp) = setup("nobypass", &[EGRESS]);
+    dp.apply(&[
+        MapOp::EndpointSet(9999, endpoint(20, PEER_IDENTITY, 6, &[INGRESS])),
+        MapOp::IpcacheUpsert(net("10.244.1.3/32"), ipc(PEER_IDENTITY, 20)),
+        MapOp::PolicyUpsert(
+            pkey(RULESET, PEER_IDENTITY, EGRESS, TCP, 80, 16),
+            moat_common::PolicyValue {
+                action: action::REDIRECT,
+                audit_action: action::REDIRECT,
+                proxy_port: 15999,
+                rule_id: 63,
+                audit_rule_id: 63,
+            },
+        ),
+    ])
+    .unwrap();
+    let to_b = packet(v4(ME), v4(PEER), tcp(SYN, 40000, 80));
+    assert_eq!(run(&dp, Hook::FromEndpoint, &to_b), SHOT);
+    assert_eq!(
+        verdicts(&dp, EGRESS, verdict::DROPPED, reason::DEFAULT_DENY),
+        1
+    );
+    assert_eq!(rule_count(&dp, 900, verdict::DROPPED).packets, 1);
+    // Once B allows A, the flow goes to the proxy (which is not there: fail closed).
+    allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 7);
+    dp.apply(&[MapOp::PolicyUpsert(
+        pkey(6, EP_IDENTITY, INGRESS, TCP, 80, 16),
+        pval(action::ALLOW, 64),
+    )])
+    .unwrap();
+    assert_eq!(run(&dp, Hook::FromEndpoint, &to_b), SHOT);
+    assert_eq!(verdicts(&dp, EGRESS, verdict::DROPPED, reason::NO_PROXY), 1);
+}

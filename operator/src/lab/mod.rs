@@ -118,3 +118,50 @@ pub fn run_probe(scenario: &Path, opts: &LabOptions) -> Result<ProbeReport, LabE
     lab.down()?;
     report
 }
+
+/// The outcome of one scenario of a suite.
+pub struct SuiteEntry {
+    pub path: PathBuf,
+    pub result: Result<ProbeReport, LabError>,
+}
+
+/// `make conformance`: probe every scenario file, reusing one lab across consecutive
+/// scenarios of the same topology (same nodes, pods, labels, named ports and servers) and
+/// only swapping the policies in between (DESIGN.md: one lab per topology, not per file).
+/// A scenario that fails to load or build is reported as its own error; the suite goes on.
+pub fn run_suite(files: &[PathBuf], opts: &LabOptions) -> Vec<SuiteEntry> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, Lab)> = None;
+    for path in files {
+        let result = (|| {
+            let s = LabScenario::load(path)?;
+            let key = LabPlan::new("key", &s)?.topology_key();
+            let reuse = matches!(&current, Some((k, _)) if *k == key);
+            if reuse {
+                let (_, lab) = current.as_mut().expect("matched above");
+                lab.set_policies(&s.base.policies)?;
+            } else {
+                if let Some((_, old)) = current.take() {
+                    old.down()?;
+                }
+                current = Some((key, Lab::up(&s, opts)?));
+            }
+            let (_, lab) = current.as_ref().expect("set above");
+            lab.probe(&s, &opts.probe)
+        })();
+        if result.is_err()
+            && let Some((_, lab)) = current.take()
+        {
+            // A failed step may leave the lab half-updated: start the next one afresh.
+            let _ = lab.down();
+        }
+        out.push(SuiteEntry {
+            path: path.clone(),
+            result,
+        });
+    }
+    if let Some((_, lab)) = current.take() {
+        let _ = lab.down();
+    }
+    out
+}
