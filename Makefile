@@ -4,7 +4,8 @@
 CARGO ?= cargo
 PROFILE := --release
 
-.PHONY: all toolchain debs build fmt-check clippy test bench-datapath
+.PHONY: all toolchain debs build fmt-check clippy manifests conformance fuzz fuzz-smoke test \
+	demo image e2e-kind bench-datapath bench-agent
 
 all: build
 
@@ -27,8 +28,37 @@ clippy: toolchain
 	cd datapath/ebpf && $(CARGO) +nightly clippy --release --target bpfel-unknown-none \
 		-Z build-std=core -- -D warnings
 
-test: toolchain debs fmt-check clippy
+# Static checks of what cannot run here: manifests, CRs against the CRD schemas, scripts,
+# the Dockerfile's sources.
+manifests:
+	scripts/check-manifests.sh
+
+# Every scenario of e2e/scenarios through real agents and real packets (one lab per topology).
+conformance: build
+	target/release/moat lab suite e2e/scenarios/*.yaml e2e/scenarios/moat/*.yaml
+
+fuzz:
+	scripts/fuzz.sh 600
+
+fuzz-smoke:
+	scripts/fuzz.sh 20
+
+test: toolchain debs fmt-check clippy manifests
 	$(CARGO) test $(PROFILE)
+	$(MAKE) conformance fuzz-smoke
+
+# The main job: the Star Wars demo in a lab on this machine.
+demo: build
+	target/release/moat lab demo
+
+image:
+	docker build -t moat:dev .
+
+e2e-kind:
+	scripts/e2e-kind.sh
 
 bench-datapath: toolchain
 	$(CARGO) run $(PROFILE) -p moat-datapath --example bench-datapath
+
+bench-agent: toolchain
+	$(CARGO) run $(PROFILE) -p moat --example bench-agent

@@ -15,6 +15,7 @@ fi
 
 sysroot=$(rustup run nightly rustc --print sysroot)
 major=$(rustup run nightly rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+# shellcheck disable=SC2012 # one well-known file name, no globbing surprises
 soname=$(cd "$sysroot/lib" && ls libLLVM.so.* | head -n1)
 mkdir -p "$LLVM_PREFIX/lib"
 # The soname link is needed at run time (DT_NEEDED), the plain one at link time (-lLLVM).
@@ -28,6 +29,7 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
   bpf-linker --version
 fi
 
-if ! mountpoint -q /sys/fs/bpf; then
+# Image builds set MOAT_SKIP_BPFFS=1: they cannot mount and the image does not need it.
+if [ -z "${MOAT_SKIP_BPFFS:-}" ] && ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi

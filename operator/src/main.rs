@@ -43,6 +43,23 @@ enum Command {
     },
     /// Watch the agent's decisions as flows, like `hubble observe`.
     Observe(ObserveArgs),
+    /// Labs: nodes and pods as network namespaces on this machine, each node with its agent.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Serve TCP/UDP echo and the Star Wars deathstar API (the lab's and the e2e's workload).
+    Serve {
+        /// TCP echo port (repeatable).
+        #[arg(long)]
+        tcp: Vec<u16>,
+        /// UDP echo port (repeatable).
+        #[arg(long)]
+        udp: Vec<u16>,
+        /// Deathstar HTTP API port (repeatable).
+        #[arg(long)]
+        deathstar: Vec<u16>,
+    },
     /// Low-level operations on the pinned datapath.
     Datapath {
         #[command(subcommand)]
@@ -58,6 +75,33 @@ enum DatapathCommand {
         #[arg(long, env = "MOAT_PIN_ROOT", default_value = moat_datapath::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build a lab from a scenario and keep it until SIGINT/SIGTERM.
+    Up {
+        scenario: PathBuf,
+        /// Servers and topology only: no agents, no enforcement.
+        #[arg(long)]
+        no_agent: bool,
+    },
+    /// Tear down every lab on this machine (and what killed runs left behind).
+    Down,
+    /// Build a lab, apply the scenario's policies, probe every pod pair with real packets,
+    /// compare with the expected matrices. Exit 0: all match; 1: a mismatch; 2: an error.
+    Probe {
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Probe many scenarios, reusing one lab per topology (`make conformance`).
+    Suite { scenarios: Vec<PathBuf> },
+    /// The Star Wars walk-through: no policy, L3/L4, L7, with counters and flows after each
+    /// step (`make demo`).
+    Demo,
 }
 
 #[derive(clap::Args)]
@@ -160,6 +204,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Lab { command } => return lab(command),
+        Command::Serve {
+            tcp,
+            udp,
+            deathstar,
+        } => moat::lab::servers::serve(&moat::lab::servers::ServeSpec {
+            tcp,
+            udp,
+            deathstar,
+        })
+        .map_err(Into::into),
         Command::Agent(a) => moat::agent::run(AgentConfig {
             source: a.source,
             node_name: a.node_name,
@@ -182,6 +237,85 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn lab_options(agent: bool) -> anyhow::Result<moat::lab::LabOptions> {
+    Ok(if agent {
+        moat::lab::LabOptions::with_agent(std::env::current_exe()?)
+    } else {
+        moat::lab::LabOptions::default()
+    })
+}
+
+fn lab(command: LabCommand) -> ExitCode {
+    let run = || -> anyhow::Result<ExitCode> {
+        match command {
+            LabCommand::Up { scenario, no_agent } => {
+                moat::lab::cli::up_and_wait(&scenario, &lab_options(!no_agent)?)?;
+            }
+            LabCommand::Demo => moat::lab::demo::run(&lab_options(true)?)?,
+            LabCommand::Down => {
+                for removed in moat::lab::cli::down(&lab_options(false)?)? {
+                    println!("removed {removed}");
+                }
+            }
+            LabCommand::Probe { scenario, json } => {
+                let report = moat::lab::run_probe(&scenario, &lab_options(true)?)?;
+                if json {
+                    println!("{}", report.to_json());
+                } else {
+                    print!("{}", report.render_matrix());
+                }
+                return Ok(if report.passed() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+            LabCommand::Suite { scenarios } => {
+                let started = std::time::Instant::now();
+                let results = moat::lab::run_suite(&scenarios, &lab_options(true)?);
+                let (mut passed, mut failed, mut errors) = (0, 0, 0);
+                for entry in &results {
+                    let name = entry.path.display();
+                    match &entry.result {
+                        Ok(r) if r.passed() => {
+                            passed += 1;
+                            println!("PASS  {name}");
+                        }
+                        Ok(r) => {
+                            failed += 1;
+                            println!("FAIL  {name}\n{}", r.render_matrix());
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            println!("ERROR {name}: {e}");
+                        }
+                    }
+                }
+                println!(
+                    "conformance: {passed} passed, {} failed ({errors} errors) in {:.1} s",
+                    failed + errors,
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(if errors > 0 {
+                    ExitCode::from(2)
+                } else if failed > 0 {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    match run() {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("moat: {e:#}");
             ExitCode::from(2)

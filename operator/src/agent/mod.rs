@@ -1,5 +1,6 @@
 //! The per-node agent: a source (Kubernetes API or a directory) feeding the reconciler, the
 //! sole owner of the datapath, which publishes its status to the control socket.
+pub mod kube_status;
 pub mod l7;
 pub mod reconcile;
 pub mod status;
@@ -135,7 +136,26 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             })
         }
-        SourceSpec::Kube => anyhow::bail!("the kube source is not available in this build"),
+        SourceSpec::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let src = crate::source::kube::KubeSource::new(client.clone(), cfg.node_name.clone())
+                .context("starting the Kubernetes source")?;
+            let status_cfg = kube_status::StatusConfig::from_env().with_stores(src.policy_stores());
+            let status = status_rx.clone();
+            let node = cfg.node_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = kube_status::run(client, node, status, status_cfg).await {
+                    error!("policy status writer: {e}");
+                }
+            });
+            tokio::spawn(async move {
+                if let Err(e) = src.run(source_tx).await {
+                    error!("Kubernetes source: {e}");
+                }
+            })
+        }
     };
 
     let routes = control::server::routes(Arc::new(ServerContext {

@@ -28,6 +28,7 @@
 pub mod agents;
 pub mod cli;
 pub mod deathstar;
+pub mod demo;
 pub mod ext;
 pub mod netlink;
 pub mod netns;

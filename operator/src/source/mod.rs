@@ -3,6 +3,7 @@
 //! the compiler and the reconciler never know which one is running.
 pub mod digest;
 pub mod file;
+pub mod kube;
 
 use crate::model::Model;
 
