@@ -3,6 +3,8 @@
 # default members, which leave out the eBPF crate (built by aya-build for its own target).
 CARGO ?= cargo
 PROFILE := --release
+MOAT := $(or $(CARGO_TARGET_DIR),target)/release/moat
+SCENARIOS := e2e/scenarios/*.yaml e2e/scenarios/moat/*.yaml
 
 .PHONY: all toolchain debs build fmt-check clippy manifests conformance fuzz fuzz-smoke test \
 	demo image e2e-kind bench-datapath bench-agent
@@ -35,7 +37,7 @@ manifests:
 
 # Every scenario of e2e/scenarios through real agents and real packets (one lab per topology).
 conformance: build
-	target/release/moat lab suite e2e/scenarios/*.yaml e2e/scenarios/moat/*.yaml
+	$(MOAT) lab suite $(SCENARIOS)
 
 fuzz:
 	scripts/fuzz.sh 600
@@ -43,13 +45,16 @@ fuzz:
 fuzz-smoke:
 	scripts/fuzz.sh 20
 
+# `cargo test` also builds the moat binary (the integration tests run it), so the
+# conformance suite uses that one instead of building it again with other features.
 test: toolchain debs fmt-check clippy manifests
 	$(CARGO) test $(PROFILE)
-	$(MAKE) conformance fuzz-smoke
+	$(MOAT) lab suite $(SCENARIOS)
+	scripts/fuzz.sh 20
 
 # The main job: the Star Wars demo in a lab on this machine.
 demo: build
-	target/release/moat lab demo
+	$(MOAT) lab demo
 
 image:
 	docker build -t moat:dev .

@@ -61,6 +61,9 @@ pub struct Snapshot {
     pub endpoints: u64,
     pub identities: u64,
     pub map_writes: u64,
+    /// Valid policies this node could not fit into its maps (nothing already enforced
+    /// changed; each is also reported as an Event and in `moat status`).
+    pub overflows: u64,
     pub l7: L7Counts,
 }
 
@@ -200,6 +203,12 @@ impl Collector for SnapshotCollector {
             "moat_endpoints",
             "Local endpoints programmed.",
             s.endpoints as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "moat_policy_overflows",
+            "Policies refused on this node because its maps would overflow.",
+            s.overflows as i64,
         )?;
         gauge(
             &mut encoder,

@@ -11,7 +11,10 @@ use moat_common::{
     Config, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, action, config_flags, direction,
     ep_flag, ep_flags, identity, policy_prefix, reason, verdict,
 };
-use moat_datapath::{Datapath, Hook, MapOp, PolicyEntryKey, VerdictCounterKey};
+use moat_datapath::{
+    Datapath, Hook, MapOp, PolicyEntryKey, VerdictCounterKey,
+    packet::{L4, packet},
+};
 use serde_json::json;
 
 const REPEAT: u32 = 100_000;
@@ -61,15 +64,15 @@ impl Drop for Root {
     }
 }
 
+/// A TCP segment from `src` to the endpoint, padded to a 64-byte frame (60 + FCS).
 fn tcp_packet(src: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
-    f.extend([0x45, 0, 0, 40 + 6, 0, 1, 0x40, 0, 64, 6, 0, 0]);
-    f.extend(src.octets());
-    f.extend(ME.octets());
-    f.extend(40000u16.to_be_bytes());
-    f.extend(dport.to_be_bytes());
-    f.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    f.extend([0; 6]);
+    let l4 = L4::Tcp {
+        sport: 40000,
+        dport,
+        flags,
+    };
+    let mut f = packet(src.into(), ME.into(), l4);
+    f.resize(60, 0);
     f
 }
 

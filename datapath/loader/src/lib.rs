@@ -11,6 +11,7 @@ mod attach;
 mod events;
 mod hints;
 mod maps;
+pub mod packet;
 mod testrun;
 
 use std::{

@@ -172,6 +172,7 @@ impl Reconciler {
             endpoints: m.endpoints.len() as u64,
             identities: self.out.status.borrow().identities as u64,
             map_writes: self.writes,
+            overflows: self.out.status.borrow().overflows.len() as u64,
             l7: Default::default(),
         }
     }

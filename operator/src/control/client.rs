@@ -55,8 +55,11 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
 }
 
-/// GET `path` on the agent's control socket; returns the status code and the body.
-pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError> {
+/// Send GET `path` to the agent's control socket; the response's body streams.
+async fn request(
+    socket: &Path,
+    path: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|source| ClientError::Connect {
@@ -69,7 +72,12 @@ pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError>
         .header(hyper::header::HOST, "moat-agent")
         .body(Empty::<Bytes>::new())
         .expect("static request");
-    let res = sender.send_request(req).await?;
+    Ok(sender.send_request(req).await?)
+}
+
+/// GET `path` on the agent's control socket; returns the status code and the body.
+pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError> {
+    let res = request(socket, path).await?;
     let code = res.status().as_u16();
     let body = res.into_body().collect().await?.to_bytes();
     Ok((code, body))
@@ -82,19 +90,7 @@ pub async fn get_lines(
     path: &str,
     mut on_line: impl FnMut(&[u8]) -> bool,
 ) -> Result<(), ClientError> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, "moat-agent")
-        .body(Empty::<Bytes>::new())
-        .expect("static request");
-    let res = sender.send_request(req).await?;
+    let res = request(socket, path).await?;
     if res.status().as_u16() != 200 {
         return Err(ClientError::Status {
             path: path.to_owned(),
