@@ -408,9 +408,37 @@ fn compile_node(m: &Model, node: &str, alloc: &Allocations) -> (DesiredState, Al
     compile(&m, alloc, &CompileConfig::default()).unwrap()
 }
 
+/// What decides a flow in a check: (state, interface, direction, peer, IP protocol number,
+/// port) -> (Enforce view allows, Enforce+Audit view allows).
+type Decider<'a> = dyn FnMut(&DesiredState, &str, u8, IpAddr, u8, u16) -> (bool, bool) + 'a;
+
+/// The lookup simulation of the tests.
+fn simulated(
+    state: &DesiredState,
+    iface: &str,
+    dir: u8,
+    peer: IpAddr,
+    proto: u8,
+    port: u16,
+) -> (bool, bool) {
+    let d = sim::decide(&state.maps, iface, dir, peer, proto, port);
+    (d.allow, d.audit_allow)
+}
+
 /// Compares every decision of every local endpoint of `node` with the reference evaluator.
 fn check_node(m: &Model, node: &str) -> Result<(), TestCaseError> {
+    check_node_with(m, node, &mut simulated, &mut |_| {})
+}
+
+/// Same, with `decide` making the decisions after `load` put the compiled state in place.
+fn check_node_with(
+    m: &Model,
+    node: &str,
+    decide: &mut Decider,
+    load: &mut dyn FnMut(&DesiredState),
+) -> Result<(), TestCaseError> {
     let (state, alloc) = compile_node(m, node, &Allocations::default());
+    load(&state);
     let mut m = m.clone();
     m.local_node = node.into();
     let peers = probe_addresses(&m);
@@ -430,7 +458,7 @@ fn check_node(m: &Model, node: &str) -> Result<(), TestCaseError> {
                         } else {
                             proto.number()
                         };
-                        let got = sim::decide(&state.maps, iface, dir, peer, number, port);
+                        let (allow, audit_allow) = decide(&state, iface, dir, peer, number, port);
                         let want = reference::endpoint_allows(
                             &m,
                             ep,
@@ -450,7 +478,7 @@ fn check_node(m: &Model, node: &str) -> Result<(), TestCaseError> {
                             true,
                         );
                         prop_assert_eq!(
-                            got.allow,
+                            allow,
                             want,
                             "enforce: {} dir {} peer {} {:?}/{}",
                             ep.key(),
@@ -460,7 +488,7 @@ fn check_node(m: &Model, node: &str) -> Result<(), TestCaseError> {
                             port
                         );
                         prop_assert_eq!(
-                            got.audit_allow,
+                            audit_allow,
                             want_audit,
                             "audit view: {} dir {} peer {} {:?}/{}",
                             ep.key(),
@@ -482,6 +510,153 @@ fn check_node(m: &Model, node: &str) -> Result<(), TestCaseError> {
     prop_assert_eq!(alloc2.rules.assigned, alloc.rules.assigned);
     prop_assert_eq!(alloc2.rulesets.assigned, alloc.rulesets.assigned);
     Ok(())
+}
+
+/// The compiled state in real maps, decided by the real programs with BPF_PROG_TEST_RUN:
+/// each batch goes in through the compiler's diff, as the reconciler applies it.
+struct RealDatapath {
+    root: String,
+    dp: moat_datapath::Datapath,
+    events: moat_datapath::EventStream,
+    realized: RealizedState,
+    /// Stand-in ifindexes for the endpoints' interfaces (map keys only: runs use loopback).
+    ifindex: std::collections::BTreeMap<String, u32>,
+    /// Source port / ICMP id of the next run, so no run rides an earlier run's conntrack entry.
+    next_port: u16,
+}
+
+impl RealDatapath {
+    fn new() -> Self {
+        let root = format!("/sys/fs/bpf/moat-test-{}-proptest", std::process::id());
+        let _ = moat_datapath::Datapath::reset(&root);
+        let mut dp = moat_datapath::Datapath::open(&root).expect("open the datapath");
+        let events = dp.take_events().expect("event stream");
+        let mut cfg = dp.config().unwrap();
+        cfg.event_rate = 1_000_000;
+        cfg.event_burst = 1_000_000;
+        dp.set_config(cfg).unwrap();
+        RealDatapath {
+            root,
+            dp,
+            events,
+            realized: RealizedState::default(),
+            ifindex: Default::default(),
+            next_port: 1024,
+        }
+    }
+
+    fn load(&mut self, state: &DesiredState) {
+        use moat::compiler::diff::MapOp as C;
+        use moat_datapath::{MapOp as D, PolicyEntryKey};
+        for name in state.maps.endpoints.keys() {
+            let n = 100_000 + self.ifindex.len() as u32;
+            self.ifindex.entry(name.clone()).or_insert(n);
+        }
+        let entry = |key, prefix_len| PolicyEntryKey { key, prefix_len };
+        for op in diff(&state.maps, &self.realized) {
+            let d = match &op {
+                C::PrefilterUpsert(n, r) => D::PrefilterUpsert(*n, *r),
+                C::PrefilterDelete(n) => D::PrefilterRemove(*n),
+                C::IpcacheUpsert(n, v) => D::IpcacheUpsert(*n, *v),
+                C::IpcacheDelete(n) => D::IpcacheRemove(*n),
+                C::EndpointUpsert(name, info) => D::EndpointSet(self.ifindex[name], *info),
+                C::EndpointDelete(name) => D::EndpointRemove(self.ifindex[name]),
+                C::PolicyExactUpsert(k, v) => D::PolicyUpsert(entry(*k, 96), *v),
+                C::PolicyExactDelete(k) => D::PolicyRemove(entry(*k, 96)),
+                C::PolicyPrefixUpsert(k, l, v) => D::PolicyUpsert(entry(*k, *l), *v),
+                C::PolicyPrefixDelete(k, l) => D::PolicyRemove(entry(*k, *l)),
+                C::SetRevision(r) => D::SetRevision(*r),
+            };
+            self.dp.apply(&[d]).expect("apply");
+            op.apply(&mut self.realized);
+        }
+    }
+
+    /// Run one new flow through the endpoint's hook. A flow the policy sends to the L7 proxy
+    /// is allowed at L3/L4 (no proxy runs here, so the kernel drops it with `no-proxy`).
+    fn decide(
+        &mut self,
+        state: &DesiredState,
+        iface: &str,
+        dir: u8,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> (bool, bool) {
+        use moat_datapath::packet::{L4, SYN, packet};
+        let info = state.maps.endpoints[iface];
+        self.dp
+            .apply(&[moat_datapath::MapOp::EndpointSet(1, info)])
+            .unwrap();
+        let me: IpAddr = if peer.is_ipv4() {
+            "10.255.255.254"
+        } else {
+            "fd00:ffff::fe"
+        }
+        .parse()
+        .unwrap();
+        let (src, dst) = if dir == 0 { (peer, me) } else { (me, peer) };
+        self.next_port = self.next_port.wrapping_add(1).max(1024);
+        let sport = self.next_port;
+        let l4 = match proto {
+            6 => L4::Tcp {
+                sport,
+                dport: port,
+                flags: SYN,
+            },
+            17 => L4::Udp { sport, dport: port },
+            _ => L4::Echo {
+                id: sport,
+                reply: false,
+            },
+        };
+        let hook = if dir == 0 {
+            moat_datapath::Hook::ToEndpoint
+        } else {
+            moat_datapath::Hook::FromEndpoint
+        };
+        let r = self
+            .dp
+            .test_run(hook, &packet(src, dst, l4), 1, 0, 1)
+            .expect("test_run");
+        let events = self.events.drain();
+        let redirected = events
+            .iter()
+            .any(|e| e.reason == moat_common::reason::NO_PROXY);
+        let audit = events
+            .iter()
+            .any(|e| e.kind == moat_common::event_kind::AUDIT);
+        let allow = r.action == 0 || redirected;
+        (allow, allow != audit)
+    }
+}
+
+impl Drop for RealDatapath {
+    fn drop(&mut self) {
+        let _ = moat_datapath::Datapath::reset(&self.root);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The same comparison as below, through real maps and the real programs.
+    #[test]
+    fn the_real_datapath_agrees_with_reference(
+        pods in proptest::collection::vec(pod_gen(), 1..7),
+        policies in proptest::collection::vec(policy_gen(), 0..5),
+    ) {
+        let m = build_model(&pods, &policies);
+        let real = std::cell::RefCell::new(RealDatapath::new());
+        for node in ["n0", "n1"] {
+            check_node_with(
+                &m,
+                node,
+                &mut |s, i, d, p, pr, po| real.borrow_mut().decide(s, i, d, p, pr, po),
+                &mut |s| real.borrow_mut().load(s),
+            )?;
+        }
+    }
 }
 
 proptest! {
