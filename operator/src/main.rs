@@ -176,7 +176,9 @@ struct AgentArgs {
     /// TCP address for /metrics, /healthz, /readyz.
     #[arg(long, env = "MOAT_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
-    /// Node uplink for the XDP prefilter (repeatable). Standalone sources may name their own.
+    /// Node uplink for the XDP prefilter and L7 steering of traffic from other nodes
+    /// (repeatable). Default: the interface of the default route. Standalone sources may name
+    /// their own in endpoints.yaml.
     #[arg(long = "uplink", env = "MOAT_UPLINKS", value_delimiter = ',')]
     uplinks: Vec<String>,
     /// Network namespace to operate in (a path such as /var/run/netns/NAME); entered before

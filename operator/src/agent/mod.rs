@@ -4,6 +4,7 @@ pub mod kube_status;
 pub mod l7;
 pub mod reconcile;
 pub mod status;
+pub mod uplink;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -21,6 +22,9 @@ use crate::{
 };
 use reconcile::{Publishers, Reconciler};
 use status::AgentStatus;
+
+/// How long open connections may delay the agent's exit after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Where the agent learns the world.
 #[derive(Clone, Debug)]
@@ -68,10 +72,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering network namespace {}", ns.display()))?;
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run_async(cfg))
+        .build()?;
+    let result = rt.block_on(run_async(cfg));
+    // Tasks still parked on I/O (a proxy connection, a flows follower) must not hold the
+    // process: dropping the runtime would wait for them.
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
 
 async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -108,6 +116,15 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         l7_stats_tx,
         proxy_stop.clone(),
     ));
+    // No --uplink: the default route's interface (a standalone source may still name its own).
+    let uplinks = if cfg.uplinks.is_empty() {
+        uplink::default_route_interface()
+            .await
+            .into_iter()
+            .collect()
+    } else {
+        cfg.uplinks.clone()
+    };
     let mut reconciler = Reconciler::new(
         dp,
         cfg.node_name.clone(),
@@ -115,7 +132,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         CompileConfig {
             proxy_port: cfg.proxy_port,
         },
-        cfg.uplinks.clone(),
+        uplinks,
         Publishers {
             status: status_tx,
             flow_ctx: flow_ctx_tx,
@@ -214,11 +231,18 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     flows_task.abort();
     l7_flows_task.abort();
     proxy_stop.cancel();
-    let _ = proxy_task.await;
     let _ = reconcile_task.await;
-    let _ = control_task.await;
-    if let Some(t) = metrics_task {
-        let _ = t.await;
+    // Open proxy connections and `/flows` followers get a moment to finish, not a veto over
+    // the exit: nothing they hold matters to enforcement, which stays in the kernel.
+    let servers = async {
+        let _ = proxy_task.await;
+        let _ = control_task.await;
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, servers).await.is_err() {
+        info!("closing connections still open after {SHUTDOWN_GRACE:?}");
     }
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())

@@ -199,9 +199,200 @@ pub fn wait_programmed(
 
 /// Per-agent verdict counters, for cross-checking a probe against what the datapath counted
 /// (DESIGN.md, "The lab"). Boundary: the agent's `/metrics` over its control socket.
+///
+/// Every `moat_verdicts_total` and `moat_policy_rule_packets_total` series of one scrape, as
+/// (`name{labels}` exactly as the agent wrote it, value), in scrape order.
 pub fn verdict_counters(agent: &Agent) -> Result<Vec<(String, u64)>, LabError> {
-    Err(LabError::Agent {
-        node: agent.node.clone(),
-        message: "reading verdict counters is not implemented yet".into(),
-    })
+    let text = scrape(&agent.node, &agent.socket)?;
+    Ok(parse_counters(&text, VERDICT_FAMILIES))
+}
+
+/// The counter families [`verdict_counters`] keeps.
+pub const VERDICT_FAMILIES: &[&str] = &["moat_verdicts_total", "moat_policy_rule_packets_total"];
+
+/// One `/metrics` scrape of the agent of `node` (the OpenMetrics text).
+pub fn scrape(node: &str, socket: &Path) -> Result<String, LabError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LabError::io("building the control client runtime"))?;
+    let err = |message: String| LabError::Agent {
+        node: node.to_string(),
+        message,
+    };
+    let (code, body) = rt
+        .block_on(crate::control::client::get(socket, "/metrics"))
+        .map_err(|e| err(e.to_string()))?;
+    if code != 200 {
+        return Err(err(format!(
+            "GET /metrics: HTTP {code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    String::from_utf8(body.to_vec()).map_err(|e| err(format!("/metrics is not UTF-8: {e}")))
+}
+
+/// The samples of the named counter families in an OpenMetrics/Prometheus text, as
+/// (`name{labels}`, value). Comments, other families and non-integer values are skipped.
+pub fn parse_counters(text: &str, families: &[&str]) -> Vec<(String, u64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let l = l.trim();
+            let name_end = l.find(['{', ' ']).unwrap_or(l.len());
+            if !families.contains(&&l[..name_end]) {
+                return None;
+            }
+            // The value follows the series: after the closing brace if there are labels
+            // (label values may contain spaces), else after the name. An optional timestamp
+            // may follow the value.
+            let series_end = match l[name_end..].starts_with('{') {
+                true => name_end + closing_brace(&l[name_end..])? + 1,
+                false => name_end,
+            };
+            let value = l[series_end..].split_whitespace().next()?;
+            let value = value
+                .parse::<u64>()
+                .ok()
+                .or_else(|| value.parse::<f64>().ok().map(|f| f as u64))?;
+            Some((l[..series_end].to_string(), value))
+        })
+        .collect()
+}
+
+/// The index of the brace closing a label set that starts at `s[0] == '{'`, honouring quoted
+/// label values with escapes.
+fn closing_brace(s: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match (quoted, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => quoted = false,
+            (false, _, '"') => quoted = true,
+            (false, _, '}') => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The labels of a series `name{a="x",b="y"}` (unescaped values).
+pub fn series_labels(series: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(open) = series.find('{') else {
+        return out;
+    };
+    let mut rest = &series[open + 1..];
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        let Some(eq) = rest.find('=') else { break };
+        let key = rest[..eq].trim().to_string();
+        let mut chars = rest[eq + 1..].char_indices();
+        if !matches!(chars.next(), Some((_, '"'))) {
+            break;
+        }
+        let mut value = String::new();
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in chars {
+            match (escaped, c) {
+                (true, 'n') => {
+                    value.push('\n');
+                    escaped = false
+                }
+                (true, c) => {
+                    value.push(c);
+                    escaped = false
+                }
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    end = Some(eq + 1 + i + 1);
+                    break;
+                }
+                (false, c) => value.push(c),
+            }
+        }
+        let Some(end) = end else { break };
+        out.insert(key, value);
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// The series name of `name{labels}`.
+pub fn series_name(series: &str) -> &str {
+    series.split('{').next().unwrap_or(series)
+}
+
+/// Packets the datapath dropped, summed over `moat_verdicts_total{verdict="DROPPED"}`.
+pub fn dropped_packets(counters: &[(String, u64)]) -> u64 {
+    counters
+        .iter()
+        .filter(|(s, _)| {
+            series_name(s) == "moat_verdicts_total"
+                && series_labels(s).get("verdict").map(String::as_str) == Some("DROPPED")
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The outcome of [`probe_cross_checked`]: how many cells the probe saw blocked by a lost
+/// packet (not by an HTTP status) and how many packets the agents' datapaths dropped meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropCrossCheck {
+    /// Cells observed blocked for want of an answer (every skipped probe and every cell that
+    /// got an HTTP response left out).
+    pub blocked_cells: u64,
+    /// Increase of `moat_verdicts_total{verdict="DROPPED"}`, summed over every agent.
+    pub dropped_packets: u64,
+}
+
+impl DropCrossCheck {
+    /// Every blocked cell is backed by at least one packet moat dropped (each blocked
+    /// attempt lost at least its first packet). A blocked cell that moat did not drop (a
+    /// drop outside moat, a dead server) makes the sums disagree unless other cells dropped
+    /// more than once: this is a lower-bound check, not a cell-by-cell one.
+    pub fn consistent(&self) -> bool {
+        self.dropped_packets >= self.blocked_cells
+    }
+}
+
+/// The cells of `report` observed blocked because nothing answered (see [`DropCrossCheck`]).
+pub fn blocked_cells(report: &super::ProbeReport) -> u64 {
+    report
+        .probes
+        .iter()
+        .filter(|p| !p.skipped)
+        .flat_map(|p| p.cells.iter())
+        .filter(|c| {
+            !c.observed && !c.detail.starts_with("status ") && !c.detail.starts_with("http status")
+        })
+        .count() as u64
+}
+
+/// Total DROPPED packets over all agents of a lab.
+pub fn lab_dropped_packets(agents: &[Agent]) -> Result<u64, LabError> {
+    agents
+        .iter()
+        .map(|a| verdict_counters(a).map(|c| dropped_packets(&c)))
+        .sum()
+}
+
+/// Probe `scenario` on `lab` and cross-check the report against the agents' DROPPED counters
+/// (read before and after the probe). Without agents, `dropped_packets` is 0.
+pub fn probe_cross_checked(
+    lab: &super::Lab,
+    scenario: &super::LabScenario,
+    opts: &super::ProbeOptions,
+) -> Result<(super::ProbeReport, DropCrossCheck), LabError> {
+    let before = lab_dropped_packets(lab.agents())?;
+    let report = lab.probe(scenario, opts)?;
+    let after = lab_dropped_packets(lab.agents())?;
+    let check = DropCrossCheck {
+        blocked_cells: blocked_cells(&report),
+        dropped_packets: after.saturating_sub(before),
+    };
+    Ok((report, check))
 }
