@@ -7,7 +7,7 @@ MOAT := $(or $(CARGO_TARGET_DIR),target)/release/moat
 SCENARIOS := e2e/scenarios/*.yaml e2e/scenarios/moat/*.yaml
 
 .PHONY: all toolchain debs build fmt-check clippy manifests conformance fuzz fuzz-smoke test \
-	demo image e2e-kind bench-datapath bench-agent
+	demo image e2e-kind bench-datapath
 
 all: build
 
@@ -64,6 +64,3 @@ e2e-kind:
 
 bench-datapath: toolchain
 	$(CARGO) run $(PROFILE) -p moat-datapath --example bench-datapath
-
-bench-agent: toolchain
-	$(CARGO) run $(PROFILE) -p moat --example bench-agent

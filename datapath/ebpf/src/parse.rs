@@ -270,9 +270,11 @@ fn parse_short_l4(ctx: &TcContext, off: usize, mut pkt: Packet) -> Parsed {
     }
 }
 
+/// IPv6 link-local control traffic that always passes: neighbour discovery (133–137) and
+/// multicast listener discovery (130–132, 143), without which IPv6 on the link breaks.
 #[inline(always)]
 fn is_ndp(protocol: u8, ty: u8) -> bool {
-    protocol == IPPROTO_ICMPV6 && (133..=137).contains(&ty)
+    protocol == IPPROTO_ICMPV6 && ((130..=137).contains(&ty) || ty == 143)
 }
 
 #[inline(always)]

@@ -65,6 +65,12 @@ pub struct AgentConfig {
 
 /// Run the agent until SIGTERM/SIGINT. Enforcement stays in the kernel when it exits.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // A parent may have left SIGTERM/SIGINT blocked (the mask is inherited across exec; the
+    // lab blocks them to tear down cleanly): the agent must see them to stop in time.
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(nix::sys::signal::Signal::SIGTERM);
+    term.add(nix::sys::signal::Signal::SIGINT);
+    term.thread_unblock().context("unblocking SIGTERM/SIGINT")?;
     if let Some(ns) = &cfg.netns {
         // setns moves only the calling thread: do it before the runtime starts any thread,
         // so every thread of the agent lives in the node's namespace.

@@ -115,9 +115,23 @@ impl LabOptions {
 pub fn run_probe(scenario: &Path, opts: &LabOptions) -> Result<ProbeReport, LabError> {
     let scenario = LabScenario::load(scenario)?;
     let lab = Lab::up(&scenario, opts)?;
-    let report = lab.probe(&scenario, &opts.probe);
+    let report = probe_checked(&lab, &scenario, &opts.probe);
     lab.down()?;
     report
+}
+
+/// Probe, and with agents cross-check the blocked cells against their DROPPED counters.
+fn probe_checked(
+    lab: &Lab,
+    scenario: &LabScenario,
+    opts: &ProbeOptions,
+) -> Result<ProbeReport, LabError> {
+    if lab.agents().is_empty() {
+        return lab.probe(scenario, opts);
+    }
+    let (mut report, check) = agents::probe_cross_checked(lab, scenario, opts)?;
+    report.cross_check = Some(check);
+    Ok(report)
 }
 
 /// The outcome of one scenario of a suite.
@@ -148,7 +162,7 @@ pub fn run_suite(files: &[PathBuf], opts: &LabOptions) -> Vec<SuiteEntry> {
                 current = Some((key, Lab::up(&s, opts)?));
             }
             let (_, lab) = current.as_ref().expect("set above");
-            lab.probe(&s, &opts.probe)
+            probe_checked(lab, &s, &opts.probe)
         })();
         if result.is_err()
             && let Some((_, lab)) = current.take()

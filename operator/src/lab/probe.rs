@@ -115,6 +115,9 @@ pub struct ProbeReport {
     pub scenario: String,
     pub probes: Vec<ProbeResult>,
     pub elapsed: Duration,
+    /// With agents: whether moat's own DROPPED counters account for the blocked cells (a
+    /// cell blocked by something else must not pass for moat's doing).
+    pub cross_check: Option<super::agents::DropCrossCheck>,
 }
 
 #[derive(Serialize)]
@@ -146,6 +149,7 @@ impl ProbeReport {
         self.probes
             .iter()
             .all(|p| p.skipped || p.mismatches.is_empty())
+            && self.cross_check.as_ref().is_none_or(|c| c.consistent())
     }
 
     /// All mismatches, with the probe each belongs to.
@@ -192,6 +196,18 @@ impl ProbeReport {
             self.scenario,
             if self.passed() { "passed" } else { "FAILED" }
         ));
+        if let Some(c) = &self.cross_check {
+            out.push_str(&format!(
+                "cross-check: {} blocked cells, {} packets dropped by moat ({})\n",
+                c.blocked_cells,
+                c.dropped_packets,
+                if c.consistent() {
+                    "consistent"
+                } else {
+                    "INCONSISTENT: something other than moat blocked traffic"
+                }
+            ));
+        }
         for p in &self.probes {
             out.push('\n');
             if p.skipped {
@@ -413,6 +429,7 @@ pub fn run(
         scenario: scenario.name().to_string(),
         probes: results,
         elapsed: start.elapsed(),
+        cross_check: None,
     })
 }
 
