@@ -7,7 +7,7 @@ MOAT := $(or $(CARGO_TARGET_DIR),target)/release/moat
 SCENARIOS := e2e/scenarios/*.yaml e2e/scenarios/moat/*.yaml
 
 .PHONY: all toolchain debs build fmt-check clippy manifests conformance fuzz fuzz-smoke test \
-	demo image e2e-kind bench-datapath
+	demo image e2e-kind bench-datapath bench-agent
 
 all: build
 
@@ -64,3 +64,7 @@ e2e-kind:
 
 bench-datapath: toolchain
 	$(CARGO) run $(PROFILE) -p moat-datapath --example bench-datapath
+
+# Needs the agent binary next to the example: build first.
+bench-agent: build
+	$(CARGO) run $(PROFILE) -p moat --example bench-agent

@@ -154,7 +154,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         SourceSpec::Dir(dir) => {
             let src = FileSource::new(dir, cfg.node_name.clone());
             tokio::spawn(async move {
-                if let Err(e) = src.watch(source_tx, Duration::from_millis(10)).await {
+                if let Err(e) = src.watch(source_tx).await {
                     error!("watching the source directory: {e}");
                 }
             })

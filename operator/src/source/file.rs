@@ -10,7 +10,6 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
 use serde::Deserialize;
@@ -26,6 +25,9 @@ use crate::{
     scenario::yaml_options,
     selector::Labels,
 };
+
+/// Quiet time that ends a burst of directory events.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The name of the endpoints file in a source directory.
 pub const ENDPOINTS_FILE: &str = "endpoints.yaml";
@@ -145,6 +147,10 @@ pub struct FileSource {
     node: String,
     endpoints: Option<EndpointsFile>,
     policies: BTreeMap<String, Vec<Policy>>,
+    /// The text each file had when it was last parsed, and its error if it was bad: an
+    /// unchanged file is not parsed again, so one edit costs one file's parse, not the
+    /// directory's.
+    seen: BTreeMap<String, (String, Option<String>)>,
 }
 
 impl FileSource {
@@ -154,6 +160,7 @@ impl FileSource {
             node: node.into(),
             endpoints: None,
             policies: BTreeMap::new(),
+            seen: BTreeMap::new(),
         }
     }
 
@@ -176,20 +183,33 @@ impl FileSource {
         self.policies
             .retain(|name, _| present.contains(name.as_str()));
 
+        self.seen.retain(|name, _| present.contains(name.as_str()));
         for (name, text) in &files {
-            if name == ENDPOINTS_FILE {
-                match serde_saphyr::from_str_with_options::<EndpointsFile>(text, yaml_options()) {
-                    Ok(f) => self.endpoints = Some(f),
-                    Err(e) => errors.push(format!("{name}: {e}")),
-                }
+            if let Some((seen, error)) = self.seen.get(name)
+                && seen == text
+            {
+                errors.extend(error.clone());
                 continue;
             }
-            match parse_policies(text) {
-                Ok(p) => {
-                    self.policies.insert(name.clone(), p);
+            let error = if name == ENDPOINTS_FILE {
+                match serde_saphyr::from_str_with_options::<EndpointsFile>(text, yaml_options()) {
+                    Ok(f) => {
+                        self.endpoints = Some(f);
+                        None
+                    }
+                    Err(e) => Some(format!("{name}: {e}")),
                 }
-                Err(e) => errors.push(format!("{name}: {e}")),
-            }
+            } else {
+                match parse_policies(text) {
+                    Ok(p) => {
+                        self.policies.insert(name.clone(), p);
+                        None
+                    }
+                    Err(e) => Some(format!("{name}: {e}")),
+                }
+            };
+            errors.extend(error.clone());
+            self.seen.insert(name.clone(), (text.clone(), error));
         }
         if !present.contains(ENDPOINTS_FILE) {
             errors.push(format!(
@@ -229,13 +249,8 @@ impl FileSource {
     }
 
     /// Publish the directory's state now and after every change, until the receiver side
-    /// is gone. Bursts of changes (an editor's write-rename, a tool writing many files) are
-    /// coalesced: a reload happens once the directory has been quiet for `settle`.
-    pub async fn watch(
-        mut self,
-        tx: watch::Sender<Arc<SourceState>>,
-        settle: Duration,
-    ) -> notify::Result<()> {
+    /// is gone.
+    pub async fn watch(mut self, tx: watch::Sender<Arc<SourceState>>) -> notify::Result<()> {
         use notify::Watcher as _;
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
@@ -248,8 +263,9 @@ impl FileSource {
         }
         while ev_rx.recv().await.is_some() {
             let observed = std::time::Instant::now();
-            // Settle: keep draining until nothing arrives for `settle`.
-            while let Ok(Some(_)) = tokio::time::timeout(settle, ev_rx.recv()).await {}
+            // Writing one file is a burst of events (truncate, write, close): read once the
+            // directory has been quiet for a moment, not on a half-written file.
+            while let Ok(Some(_)) = tokio::time::timeout(SETTLE, ev_rx.recv()).await {}
             let mut state = self.load();
             state.observed = Some(observed);
             if state.digest != last.digest || state.errors != last.errors {
@@ -389,11 +405,11 @@ spec:
         std::fs::write(dir.path().join(ENDPOINTS_FILE), ENDPOINTS).unwrap();
         let (tx, mut rx) = watch::channel(Arc::new(SourceState::default()));
         let src = FileSource::new(dir.path(), "node-1");
-        tokio::spawn(src.watch(tx, Duration::from_millis(20)));
+        tokio::spawn(src.watch(tx));
         rx.changed().await.unwrap();
         assert!(rx.borrow_and_update().model.policies.is_empty());
         std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed())
             .await
             .unwrap()
             .unwrap();
