@@ -30,13 +30,8 @@ enum Command {
     Agent(AgentArgs),
     /// Show what a running agent reports (through its control socket).
     Status {
-        /// The agent's control socket.
-        #[arg(
-            long,
-            env = "MOAT_CONTROL_SOCKET",
-            default_value = "/run/moat/agent.sock"
-        )]
-        control_socket: PathBuf,
+        #[command(flatten)]
+        control: ControlSocket,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -77,6 +72,19 @@ enum DatapathCommand {
     },
 }
 
+/// Where an agent's control socket is (a Unix socket on the host filesystem, reachable from
+/// any network namespace): health, readiness, status, metrics and flows.
+#[derive(clap::Args)]
+struct ControlSocket {
+    /// The agent's control socket.
+    #[arg(
+        long = "control-socket",
+        env = "MOAT_CONTROL_SOCKET",
+        default_value = "/run/moat/agent.sock"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum LabCommand {
     /// Build a lab from a scenario and keep it until SIGINT/SIGTERM.
@@ -106,13 +114,8 @@ enum LabCommand {
 
 #[derive(clap::Args)]
 struct ObserveArgs {
-    /// The agent's control socket.
-    #[arg(
-        long,
-        env = "MOAT_CONTROL_SOCKET",
-        default_value = "/run/moat/agent.sock"
-    )]
-    control_socket: PathBuf,
+    #[command(flatten)]
+    control: ControlSocket,
     /// Only this verdict: FORWARDED, DROPPED, AUDIT or REDIRECTED.
     #[arg(long)]
     verdict: Option<String>,
@@ -166,13 +169,8 @@ struct AgentArgs {
     /// Directory for state that must survive restarts (identity and rule numbering).
     #[arg(long, env = "MOAT_STATE_DIR", default_value = "/var/lib/moat")]
     state_dir: PathBuf,
-    /// Unix socket serving health, readiness and status (reachable from any namespace).
-    #[arg(
-        long,
-        env = "MOAT_CONTROL_SOCKET",
-        default_value = "/run/moat/agent.sock"
-    )]
-    control_socket: PathBuf,
+    #[command(flatten)]
+    control: ControlSocket,
     /// TCP address for /metrics, /healthz, /readyz.
     #[arg(long, env = "MOAT_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -222,16 +220,13 @@ fn main() -> ExitCode {
             node_name: a.node_name,
             pin_root: a.pin_root,
             state_dir: a.state_dir,
-            control_socket: a.control_socket,
+            control_socket: a.control.path,
             metrics_addr: a.metrics_addr,
             uplinks: a.uplinks,
             netns: a.netns,
             proxy_port: a.proxy_port,
         }),
-        Command::Status {
-            control_socket,
-            json,
-        } => status(&control_socket, json),
+        Command::Status { control, json } => status(&control.path, json),
         Command::Observe(o) => observe(o),
         Command::Datapath {
             command: DatapathCommand::Reset { pin_root },
@@ -342,7 +337,7 @@ fn observe(o: ObserveArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(moat::control::client::get_lines(
-        &o.control_socket,
+        &o.control.path,
         &format!("/flows?{query}"),
         |line| {
             match o.output {
