@@ -192,6 +192,11 @@ fn unenforced_direction_is_tracked_for_replies() {
     // The same packet unsolicited (another port) is a new ingress flow: denied.
     let unsolicited = packet(v4(OUTSIDE), v4(ME), tcp(ACK, 443, 41001));
     assert_eq!(run(&dp, Hook::ToEndpoint, &unsolicited), SHOT);
+    // Flushing conntrack forgets the flow: its next reply is judged as a new ingress flow.
+    let mut dp = dp;
+    dp.conntrack_flush().unwrap();
+    assert!(dp.conntrack().unwrap().is_empty());
+    assert_eq!(run(&dp, Hook::ToEndpoint, &reply), SHOT);
 }
 
 #[test]
