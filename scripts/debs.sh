@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks use, only those missing.
 set -euo pipefail
-wanted=(iproute2 iputils-ping nftables iptables iperf3 jq prometheus shellcheck python3-venv)
+wanted=(iproute2 iputils-ping nftables iptables iperf3 wrk nginx jq prometheus shellcheck python3-venv)
 missing=()
 for p in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

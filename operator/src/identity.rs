@@ -104,11 +104,11 @@ impl NumberPool {
 pub struct Allocations {
     /// Label identities (and split remote-node identities): 256 up to `1 << 24`.
     pub identities: NumberPool,
-    /// CIDR identities, one per policy CIDR: `1 << 24` and up.
+    /// CIDR identities, one per policy CIDR: `1 << 24` up to the transition identities.
     pub cidr_identities: NumberPool,
     /// Local endpoint ids, by `namespace/pod`.
     pub endpoints: NumberPool,
-    /// Rule-set (policy subject) ids, by content digest.
+    /// Rule-set (policy subject) ids, by content digest, below the transition subjects.
     pub rulesets: NumberPool,
     /// Rule ids, dense in `1..MAX_RULE_IDS`, by `kind/namespace/name/direction/index`.
     pub rules: NumberPool,
@@ -118,9 +118,9 @@ impl Default for Allocations {
     fn default() -> Self {
         Allocations {
             identities: NumberPool::new(reserved::FIRST_LABEL, reserved::FIRST_CIDR),
-            cidr_identities: NumberPool::new(reserved::FIRST_CIDR, u32::MAX),
+            cidr_identities: NumberPool::new(reserved::FIRST_CIDR, reserved::FIRST_TRANSITION),
             endpoints: NumberPool::new(1, 1 << 16),
-            rulesets: NumberPool::new(1, u32::MAX),
+            rulesets: NumberPool::new(1, crate::compiler::diff::FIRST_TRANSITION_SUBJECT),
             rules: NumberPool::new(1, capacity::MAX_RULE_IDS),
         }
     }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{iface, ip, node, ns, pod, policy, port, sim};
 use moat::api::Protocol;
-use moat::compiler::diff::{MapOp, RealizedState, diff};
+use moat::compiler::diff::{MapOp, RealizedState, diff, transition_overflow};
 use moat::compiler::{CompileConfig, DesiredState, compile};
 use moat::identity::Allocations;
 use moat::model::{Endpoint, Model, Phase, Policy};
@@ -729,4 +729,170 @@ fn overflow_refuses_the_policy_that_pushed_it_over() {
         allows(&s, "x", "b", INGRESS, "10.244.0.3", TCP, 80),
         "b only gets the small policy"
     );
+}
+
+/// Checks the transition invariant after every operation of `diff(new, old)` for `peers` on
+/// every endpoint of either state, and that the batch ends in `new`.
+fn assert_transition_invariant(
+    old: &moat::compiler::Maps,
+    new: &moat::compiler::Maps,
+    peers: &[&str],
+) {
+    let mut cur = RealizedState {
+        maps: old.clone(),
+        revision: 1,
+    };
+    let ops = diff(new, &cur);
+    let ifaces: std::collections::BTreeSet<&String> =
+        old.endpoints.keys().chain(new.endpoints.keys()).collect();
+    for (n, op) in ops.iter().enumerate() {
+        op.apply(&mut cur);
+        for iface in &ifaces {
+            for peer in peers {
+                for dir in [INGRESS, EGRESS] {
+                    let was = sim::decide(old, iface, dir, ip(peer), TCP, 80).allow;
+                    let will = sim::decide(new, iface, dir, ip(peer), TCP, 80).allow;
+                    let now = sim::decide(&cur.maps, iface, dir, ip(peer), TCP, 80).allow;
+                    assert!(
+                        (was && will) <= now && now <= (was || will),
+                        "after op {n} {op:?}: {iface} dir {dir} peer {peer}: was {was}, will {will}, now {now}"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(&cur.maps, new);
+}
+
+fn allow_entry(subject: u32, peer: u32) -> (moat_common::PolicyKey, moat_common::PolicyValue) {
+    (
+        moat_common::PolicyKey {
+            subject,
+            peer,
+            direction: INGRESS,
+            protocol: TCP,
+            dport: 80u16.to_be_bytes(),
+        },
+        moat_common::PolicyValue {
+            action: moat_common::action::ALLOW,
+            audit_action: moat_common::action::ALLOW,
+            rule_id: 1,
+            audit_rule_id: 1,
+            ..Default::default()
+        },
+    )
+}
+
+fn isolated_endpoint(id: u32, subject: u32) -> moat_common::EndpointInfo {
+    let f = ep_flag(
+        ep_flags::POLICY | ep_flags::ISOLATED | ep_flags::AUDIT_ISOLATED,
+        INGRESS,
+    );
+    moat_common::EndpointInfo {
+        endpoint_id: id,
+        identity: 300,
+        ruleset_id: subject,
+        flags: f,
+        isolating_rule: [1, 0],
+        audit_isolating_rule: [1, 0],
+    }
+}
+
+fn address(identity: u32) -> moat_common::IpcacheValue {
+    moat_common::IpcacheValue {
+        identity,
+        endpoint_id: 0,
+        flags: 0,
+    }
+}
+
+/// A peer relabelled (identity 400 -> 401) in the batch in which endpoint `a` leaves subject
+/// 1 for subject 2 while `b` stays on subject 1: subject 1 allows the old identity only, so
+/// `a` must keep the old meaning until it switches and `b` gets the new one — one transition
+/// identity cannot mean both in subject 1, so `a` is parked on a copy first.
+#[test]
+fn peer_changing_identity_while_endpoints_switch_keeps_the_invariant() {
+    let mut old = moat::compiler::Maps::default();
+    old.endpoints.insert("a".into(), isolated_endpoint(1, 1));
+    old.endpoints.insert("b".into(), isolated_endpoint(2, 1));
+    old.exact.extend([allow_entry(1, 400)]);
+    old.ipcache
+        .insert("10.9.0.7/32".parse().unwrap(), address(400));
+    let mut new = old.clone();
+    new.endpoints.insert("a".into(), isolated_endpoint(1, 2));
+    new.exact.extend([allow_entry(2, 401)]);
+    new.ipcache
+        .insert("10.9.0.7/32".parse().unwrap(), address(401));
+    assert_transition_invariant(&old, &new, &["10.9.0.7"]);
+    let ops = diff(
+        &new,
+        &RealizedState {
+            maps: old.clone(),
+            revision: 1,
+        },
+    );
+    assert!(
+        ops.iter()
+            .any(|op| matches!(op, MapOp::EndpointUpsert(name, info)
+            if name == "a" && info.ruleset_id >= moat::compiler::diff::FIRST_TRANSITION_SUBJECT)),
+        "a is parked on a transition subject: {ops:?}"
+    );
+
+    // A new pod inside a CIDR another subject allows, an address leaving, an endpoint only
+    // changing flags: each while endpoints switch.
+    let mut old = moat::compiler::Maps::default();
+    old.endpoints.insert("a".into(), isolated_endpoint(1, 1));
+    old.endpoints.insert("b".into(), isolated_endpoint(2, 3));
+    old.exact.extend([
+        allow_entry(1, 500),
+        allow_entry(3, 500),
+        allow_entry(3, 401),
+    ]);
+    old.ipcache
+        .insert("10.9.0.0/24".parse().unwrap(), address(500));
+    old.ipcache
+        .insert("10.9.1.5/32".parse().unwrap(), address(401));
+    let mut new = old.clone();
+    new.endpoints.insert("a".into(), isolated_endpoint(1, 2));
+    let mut b = isolated_endpoint(2, 3);
+    b.flags = 0;
+    new.endpoints.insert("b".into(), b);
+    new.exact.extend([allow_entry(2, 401), allow_entry(2, 500)]);
+    new.ipcache
+        .insert("10.9.0.9/32".parse().unwrap(), address(401));
+    new.ipcache.remove(&"10.9.1.5/32".parse().unwrap());
+    assert_transition_invariant(&old, &new, &["10.9.0.9", "10.9.0.10", "10.9.1.5"]);
+}
+
+/// Old and new entries coexist while endpoints switch: a change that fits when done but not
+/// half-way is found before anything is written.
+#[test]
+fn a_batch_that_overflows_half_way_is_refused_before_it_starts() {
+    let per_subject = moat_common::capacity::POLICY_EXACT as usize * 3 / 5;
+    let mut old = moat::compiler::Maps::default();
+    old.endpoints.insert("a".into(), isolated_endpoint(1, 1));
+    old.exact
+        .extend((0..per_subject as u32).map(|i| allow_entry(1, 1000 + i)));
+    let mut new = moat::compiler::Maps::default();
+    new.endpoints.insert("a".into(), isolated_endpoint(1, 2));
+    new.exact
+        .extend((0..per_subject as u32).map(|i| allow_entry(2, 1000 + i)));
+    let realized = RealizedState {
+        maps: old.clone(),
+        revision: 1,
+    };
+    let ops = diff(&new, &realized);
+    let o = transition_overflow(&ops, &realized).expect("overflow found");
+    assert_eq!(o.map, "policy exact");
+    assert_eq!(o.needed, 2 * per_subject);
+    assert_eq!(
+        o.to_string(),
+        format!(
+            "map policy exact would need {} entries, capacity {}",
+            2 * per_subject,
+            moat_common::capacity::POLICY_EXACT
+        )
+    );
+    // Done, it fits.
+    assert!(new.exact.len() <= moat_common::capacity::POLICY_EXACT as usize);
 }

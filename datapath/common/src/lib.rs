@@ -24,6 +24,9 @@ pub mod identity {
     pub const FIRST_LABEL: u32 = 256;
     /// First number handed out to CIDR identities.
     pub const FIRST_CIDR: u32 = 1 << 24;
+    /// Numbers from here on stand in for an address while a batch moves it from one identity
+    /// to another (the reconciler's transition identities); never allocated to labels or CIDRs.
+    pub const FIRST_TRANSITION: u32 = 0xffff_0000;
 }
 
 /// Traffic direction from the endpoint's point of view.

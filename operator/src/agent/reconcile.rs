@@ -20,7 +20,7 @@ use super::status::{AgentStatus, Overflow, PolicyReport};
 use crate::{
     compiler::{
         CompileConfig, DesiredState, Maps, compile,
-        diff::{MapOp, RealizedState, diff},
+        diff::{MapOp, RealizedState, diff, transition_overflow},
     },
     flows::FlowContext,
     identity::Allocations,
@@ -332,6 +332,13 @@ impl Reconciler {
         }
 
         let ops = diff(maps, &self.realized);
+        if let Some(o) = transition_overflow(&ops, &self.realized) {
+            errors.push(format!(
+                "change not applied, the previous state stays enforced: while endpoints switch, \
+                 old and new entries coexist and {o}; apply it in smaller steps"
+            ));
+            return false;
+        }
         let mut ok = true;
         for op in &ops {
             let Some(dp_op) = self.translate(op) else {

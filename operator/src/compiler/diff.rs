@@ -10,16 +10,33 @@
 //! no endpoint references any more. Each endpoint's decisions thus jump from exactly old to
 //! exactly new in one step.
 //!
-//! What one write cannot make atomic is a peer address changing identity (a pod relabelled, a
-//! new pod, a new policy CIDR) together with the endpoints that judge it: its ipcache entry is
-//! written after the endpoints switch, so for the span of the batch it is judged by the new
-//! policy under its old identity. The revision bump comes last, so established flows are only
-//! re-judged against the finished state.
+//! An address changing identity (a pod relabelled, a new pod, a new policy CIDR) is judged by
+//! a second write, its ipcache entry. When no endpoint switches, that write comes first and
+//! is itself the atomic jump. When endpoints switch too, no single order works: written
+//! before the switch, the address is judged by the old policy under its new identity; after,
+//! by the new policy under its old one. So the batch moves it through a *transition identity*
+//! `T` for each (old, new) identity pair: `T`'s entries are the new identity's in every
+//! subject an endpoint holds in the new state, and the old identity's in subjects only the
+//! old state holds; the address moves to `T` before any endpoint switches and to its new
+//! identity after all have. A subject that switching endpoints leave while others use it in
+//! the new state would need both meanings of `T`: the leaving endpoints first move to a
+//! *transition subject*, a copy of it with the old meaning (their decisions do not change).
+//! Transition entries go at the end of the batch. Addresses moving to or from the host
+//! identity are the one exception (the datapath treats `HOST` apart): they are written
+//! after the switch. The revision bump comes last, so established flows are only re-judged
+//! against the finished state.
+//!
+//! Old and new entries coexist during a batch; [`transition_overflow`] finds a batch whose
+//! intermediate state would not fit a map, so the reconciler can refuse it before it starts
+//! instead of failing half-way.
 
-use super::Maps;
+use super::{Maps, Overflow, first_overflow, map_fill};
 use ipnet::IpNet;
-use moat_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use moat_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, identity};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// Subject numbers from here on are transition subjects; rule sets are numbered below.
+pub const FIRST_TRANSITION_SUBJECT: u32 = 0xffff_0000;
 
 /// What the datapath holds now (read back from the pins, or remembered from the last batch).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -118,7 +135,28 @@ pub fn diff(desired: &Maps, realized: &RealizedState) -> Vec<MapOp> {
     let (ep_up, ep_del) = changes(&old.endpoints, &desired.endpoints);
     ops.extend(ep_del.into_iter().map(MapOp::EndpointDelete));
 
-    // 3. Policy entries. Entries of subjects no old endpoint references are inert until an
+    // 3. Addresses. With no endpoint switching, every new identity takes effect in one write:
+    //    new and changed entries, then removals (a more specific entry is never removed before
+    //    its replacement exists). Otherwise they wait for step 6, the moving ones parked on
+    //    transition identities meanwhile.
+    let (ip_up, ip_del) = changes(&old.ipcache, &desired.ipcache);
+    let switching = ep_up.iter().any(|(k, _)| old.endpoints.contains_key(k));
+    let ipcache_ops = ip_up
+        .into_iter()
+        .map(|(k, v)| MapOp::IpcacheUpsert(k, v))
+        .chain(ip_del.iter().copied().map(MapOp::IpcacheDelete));
+    let mut ipcache_ops: Vec<MapOp> = ipcache_ops.collect();
+    if !switching {
+        ops.append(&mut ipcache_ops);
+    }
+    let transition = if switching {
+        Transition::plan(old, desired, &ip_del)
+    } else {
+        Transition::default()
+    };
+    ops.extend(transition.setup());
+
+    // 4. Policy entries. Entries of subjects no old endpoint references are inert until an
     //    endpoint switches to them; entries of live subjects only change if the allocations
     //    were lost (content addressing keeps them stable otherwise): then new keys before
     //    changed ones, removals at the end, which keeps each lookup at its old or new value.
@@ -144,17 +182,15 @@ pub fn diff(desired: &Maps, realized: &RealizedState) -> Vec<MapOp> {
     policy_ups.sort_by_key(|(rank, _)| *rank);
     ops.extend(policy_ups.into_iter().map(|(_, op)| op));
 
-    // 4. Endpoints switch (new endpoints start here): subject, flags and isolating rules in
+    // 5. Endpoints switch (new endpoints start here): subject, flags and isolating rules in
     //    one write.
     ops.extend(ep_up.into_iter().map(|(k, v)| MapOp::EndpointUpsert(k, v)));
 
-    // 5. Addresses: new and changed entries, then removals (a more specific entry is never
-    //    removed before its replacement exists).
-    let (ip_up, ip_del) = changes(&old.ipcache, &desired.ipcache);
-    ops.extend(ip_up.into_iter().map(|(k, v)| MapOp::IpcacheUpsert(k, v)));
-    ops.extend(ip_del.into_iter().map(MapOp::IpcacheDelete));
+    // 6. Addresses, when endpoints switched: moving ones leave their transition identity.
+    ops.append(&mut ipcache_ops);
 
-    // 6. Entries nothing references any more.
+    // 7. Entries nothing references any more.
+    ops.extend(transition.teardown());
     ops.extend(ex_del.into_iter().map(MapOp::PolicyExactDelete));
     ops.extend(
         px_del
@@ -163,9 +199,279 @@ pub fn diff(desired: &Maps, realized: &RealizedState) -> Vec<MapOp> {
     );
     ops.extend(pf_del.into_iter().map(MapOp::PrefilterDelete));
 
-    // 7. Established flows are re-judged only against the finished state.
+    // 8. Established flows are re-judged only against the finished state.
     if !ops.is_empty() {
         ops.push(MapOp::SetRevision(realized.revision.wrapping_add(1).max(1)));
     }
     ops
+}
+
+/// The identity that decides for the addresses of `net` in `maps`: its own entry, else the
+/// longest shorter prefix holding it (what the datapath's trie finds), else `WORLD`.
+fn identity_of(maps: &Maps, net: &IpNet) -> u32 {
+    if let Some(v) = maps.ipcache.get(net) {
+        return v.identity;
+    }
+    (0..net.prefix_len())
+        .rev()
+        .find_map(|len| {
+            let cover = IpNet::new(net.addr(), len).ok()?.trunc();
+            maps.ipcache.get(&cover)
+        })
+        .map_or(identity::WORLD, |v| v.identity)
+}
+
+/// A policy entry of either map, keyed without its subject and peer (what a peer's entries
+/// in one subject look like, whatever the numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    Exact(PolicyKey, PolicyValue),
+    Prefix(PolicyKey, u32, PolicyValue),
+}
+
+impl Entry {
+    fn with(self, subject: u32, peer: u32) -> Entry {
+        let renumber = |k: PolicyKey| PolicyKey { subject, peer, ..k };
+        match self {
+            Entry::Exact(k, v) => Entry::Exact(renumber(k), v),
+            Entry::Prefix(k, l, v) => Entry::Prefix(renumber(k), l, v),
+        }
+    }
+
+    fn upsert(self) -> MapOp {
+        match self {
+            Entry::Exact(k, v) => MapOp::PolicyExactUpsert(k, v),
+            Entry::Prefix(k, l, v) => MapOp::PolicyPrefixUpsert(k, l, v),
+        }
+    }
+
+    fn delete(self) -> MapOp {
+        match self {
+            Entry::Exact(k, _) => MapOp::PolicyExactDelete(k),
+            Entry::Prefix(k, l, _) => MapOp::PolicyPrefixDelete(k, l),
+        }
+    }
+}
+
+/// `maps`' entries whose subject and peer satisfy `keep`, by (subject, peer), in key order.
+fn entries_by(maps: &Maps, keep: impl Fn(&PolicyKey) -> bool) -> BTreeMap<(u32, u32), Vec<Entry>> {
+    let mut out: BTreeMap<(u32, u32), Vec<Entry>> = BTreeMap::new();
+    let exact = maps.exact.iter().map(|(k, v)| Entry::Exact(*k, *v));
+    let prefixes = maps
+        .prefixes
+        .iter()
+        .map(|((k, l), v)| Entry::Prefix(*k, *l, *v));
+    for e in exact.chain(prefixes) {
+        let (Entry::Exact(k, _) | Entry::Prefix(k, _, _)) = e;
+        if keep(&k) {
+            out.entry((k.subject, k.peer)).or_default().push(e);
+        }
+    }
+    out
+}
+
+/// The entries of `peer` in `subject`, renumbered to (0, 0): what they decide, comparable
+/// across peers and subjects.
+fn view(
+    views: &BTreeMap<(u32, u32), Vec<Entry>>,
+    subject: u32,
+    peer: u32,
+) -> impl Iterator<Item = Entry> + '_ {
+    views
+        .get(&(subject, peer))
+        .into_iter()
+        .flatten()
+        .map(|e| e.with(0, 0))
+}
+
+/// The lowest numbers from `first` on that `used` does not hold.
+fn fresh(first: u32, used: &BTreeSet<u32>) -> impl Iterator<Item = u32> + '_ {
+    (first..=u32::MAX).filter(move |n| !used.contains(n))
+}
+
+/// The extra state of a batch in which addresses change identity while endpoints switch
+/// (module doc): written before the switch, removed after it.
+#[derive(Debug, Default)]
+struct Transition {
+    /// Entries of the transition identities and subjects.
+    entries: Vec<Entry>,
+    /// Endpoints moved to a transition subject before the switch, with that entry.
+    parked: Vec<(String, EndpointInfo)>,
+    /// Moving addresses on their transition identity.
+    addresses: Vec<(IpNet, IpcacheValue)>,
+}
+
+impl Transition {
+    fn plan(old: &Maps, new: &Maps, removed: &[IpNet]) -> Transition {
+        // Addresses whose deciding identity changes, by (old, new) identity.
+        let changed = new
+            .ipcache
+            .iter()
+            .filter(|(k, v)| old.ipcache.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .chain(removed);
+        let mut moving: BTreeMap<(u32, u32), Vec<IpNet>> = BTreeMap::new();
+        for net in changed {
+            let (a, b) = (identity_of(old, net), identity_of(new, net));
+            if a != b && a != identity::HOST && b != identity::HOST {
+                moving.entry((a, b)).or_default().push(*net);
+            }
+        }
+        if moving.is_empty() {
+            return Transition::default();
+        }
+
+        // Numbers no entry of either state holds (an interrupted batch may have left some).
+        let old_entries = old.exact.keys().chain(old.prefixes.keys().map(|(k, _)| k));
+        let mut used_ids: BTreeSet<u32> = old_entries.clone().map(|k| k.peer).collect();
+        used_ids.extend(old.ipcache.values().map(|v| v.identity));
+        let mut used_subjects: BTreeSet<u32> = old_entries.map(|k| k.subject).collect();
+        used_subjects.extend(old.endpoints.values().map(|e| e.ruleset_id));
+        let mut ids = fresh(identity::FIRST_TRANSITION, &used_ids);
+        let mut subjects = fresh(FIRST_TRANSITION_SUBJECT, &used_subjects);
+        let pairs: Vec<((u32, u32), u32)> = moving
+            .keys()
+            .map(|&pair| (pair, ids.next().expect("transition identities left")))
+            .collect();
+
+        // Who needs which meaning of a transition identity.
+        let in_new: BTreeSet<u32> = new.endpoints.values().map(|e| e.ruleset_id).collect();
+        let mut leaving: BTreeMap<u32, Vec<(&String, &EndpointInfo)>> = BTreeMap::new();
+        for (name, was) in &old.endpoints {
+            if new.endpoints.get(name).is_some_and(|now| now != was) {
+                leaving.entry(was.ruleset_id).or_default().push((name, was));
+            }
+        }
+        let olds: BTreeSet<u32> = pairs.iter().map(|((a, _), _)| *a).collect();
+        let news: BTreeSet<u32> = pairs.iter().map(|((_, b), _)| *b).collect();
+        let old_views = entries_by(old, |k| olds.contains(&k.peer));
+        let new_views = entries_by(new, |k| news.contains(&k.peer));
+        let same_meaning = |subject: u32| {
+            pairs
+                .iter()
+                .all(|((a, b), _)| view(&old_views, subject, *a).eq(view(&new_views, subject, *b)))
+        };
+
+        let mut t = Transition::default();
+        for &subject in &in_new {
+            for &((_, b), tid) in &pairs {
+                t.entries
+                    .extend(view(&new_views, subject, b).map(|e| e.with(subject, tid)));
+            }
+        }
+        let mut copies = Vec::new();
+        for (&subject, endpoints) in &leaving {
+            let target = if !in_new.contains(&subject) {
+                subject
+            } else if same_meaning(subject) {
+                continue;
+            } else {
+                let copy = subjects.next().expect("transition subjects left");
+                copies.push((subject, copy));
+                t.parked.extend(endpoints.iter().map(|(name, was)| {
+                    let parked = EndpointInfo {
+                        ruleset_id: copy,
+                        ..**was
+                    };
+                    ((*name).clone(), parked)
+                }));
+                copy
+            };
+            for &((a, _), tid) in &pairs {
+                t.entries
+                    .extend(view(&old_views, subject, a).map(|e| e.with(target, tid)));
+            }
+        }
+        if !copies.is_empty() {
+            let originals: BTreeSet<u32> = copies.iter().map(|(s, _)| *s).collect();
+            let whole = entries_by(old, |k| originals.contains(&k.subject));
+            for (subject, copy) in copies {
+                let of_subject = whole.range((subject, 0)..=(subject, u32::MAX));
+                for ((_, peer), es) in of_subject {
+                    t.entries.extend(es.iter().map(|e| e.with(copy, *peer)));
+                }
+            }
+        }
+        for (&(_, tid), nets) in pairs.iter().zip(moving.values()) {
+            for net in nets {
+                let base = old.ipcache.get(net).or_else(|| new.ipcache.get(net));
+                let base = base.copied().expect("a moving address is in one state");
+                t.addresses.push((
+                    *net,
+                    IpcacheValue {
+                        identity: tid,
+                        ..base
+                    },
+                ));
+            }
+        }
+        t
+    }
+
+    /// Entries, then parking, then addresses: each write is inert until the next refers to it.
+    fn setup(&self) -> impl Iterator<Item = MapOp> + '_ {
+        let entries = self.entries.iter().map(|e| e.upsert());
+        let parked = self
+            .parked
+            .iter()
+            .map(|(k, v)| MapOp::EndpointUpsert(k.clone(), *v));
+        let addresses = self
+            .addresses
+            .iter()
+            .map(|(k, v)| MapOp::IpcacheUpsert(*k, *v));
+        entries.chain(parked).chain(addresses)
+    }
+
+    /// Once no address and no endpoint refers to them any more.
+    fn teardown(&self) -> impl Iterator<Item = MapOp> + '_ {
+        self.entries.iter().map(|e| e.delete())
+    }
+}
+
+/// The first map a batch would overflow on its way, with the most entries it would need:
+/// old and new rule sets coexist while endpoints switch, so a change that fits when done can
+/// still overflow half-way.
+pub fn transition_overflow(ops: &[MapOp], realized: &RealizedState) -> Option<Overflow> {
+    let mut cur = realized.clone();
+    let mut fill = map_fill(&cur.maps);
+    let mut peak = fill;
+    for op in ops {
+        let m = &cur.maps;
+        let (slot, present, adds) = match op {
+            MapOp::IpcacheUpsert(k, _) | MapOp::IpcacheDelete(k) => (
+                usize::from(k.prefix_len() != k.max_prefix_len()),
+                m.ipcache.contains_key(k),
+                matches!(op, MapOp::IpcacheUpsert(..)),
+            ),
+            MapOp::EndpointUpsert(k, _) | MapOp::EndpointDelete(k) => (
+                2,
+                m.endpoints.contains_key(k),
+                matches!(op, MapOp::EndpointUpsert(..)),
+            ),
+            MapOp::PolicyExactUpsert(k, _) | MapOp::PolicyExactDelete(k) => (
+                3,
+                m.exact.contains_key(k),
+                matches!(op, MapOp::PolicyExactUpsert(..)),
+            ),
+            MapOp::PolicyPrefixUpsert(k, l, _) | MapOp::PolicyPrefixDelete(k, l) => (
+                4,
+                m.prefixes.contains_key(&(*k, *l)),
+                matches!(op, MapOp::PolicyPrefixUpsert(..)),
+            ),
+            MapOp::PrefilterUpsert(k, _) | MapOp::PrefilterDelete(k) => (
+                5,
+                m.prefilter.contains_key(k),
+                matches!(op, MapOp::PrefilterUpsert(..)),
+            ),
+            MapOp::SetRevision(_) => continue,
+        };
+        match (adds, present) {
+            (true, false) => fill[slot] += 1,
+            (false, true) => fill[slot] -= 1,
+            _ => {}
+        }
+        peak[slot] = peak[slot].max(fill[slot]);
+        op.apply(&mut cur);
+    }
+    first_overflow(&peak)
 }

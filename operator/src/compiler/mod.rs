@@ -566,31 +566,44 @@ fn build(
 }
 
 fn over_capacity(m: &Maps) -> Option<Overflow> {
+    first_overflow(&map_fill(m))
+}
+
+/// The maps [`map_fill`] counts, with their capacities, in its order.
+const MAP_CAPACITIES: [(&str, u32); 6] = [
+    ("ipcache exact", capacity::IPCACHE_EXACT),
+    ("ipcache prefixes", capacity::IPCACHE_PREFIXES),
+    ("endpoints", capacity::ENDPOINTS),
+    ("policy exact", capacity::POLICY_EXACT),
+    ("policy prefixes", capacity::POLICY_PREFIXES),
+    ("prefilter", capacity::PREFILTER),
+];
+
+/// Entries per kernel map, in the order of [`MAP_CAPACITIES`] (host routes go to the exact
+/// ipcache hash, the other prefixes to its trie).
+pub(crate) fn map_fill(m: &Maps) -> [usize; 6] {
     let host_routes = m
         .ipcache
         .keys()
         .filter(|n| n.prefix_len() == n.max_prefix_len())
         .count();
-    let checks = [
-        ("ipcache exact", host_routes, capacity::IPCACHE_EXACT),
-        (
-            "ipcache prefixes",
-            m.ipcache.len() - host_routes,
-            capacity::IPCACHE_PREFIXES,
-        ),
-        ("endpoints", m.endpoints.len(), capacity::ENDPOINTS),
-        ("policy exact", m.exact.len(), capacity::POLICY_EXACT),
-        (
-            "policy prefixes",
-            m.prefixes.len(),
-            capacity::POLICY_PREFIXES,
-        ),
-        ("prefilter", m.prefilter.len(), capacity::PREFILTER),
-    ];
-    checks
-        .into_iter()
-        .find(|(_, n, cap)| *n > *cap as usize)
-        .map(|(map, needed, capacity)| Overflow {
+    [
+        host_routes,
+        m.ipcache.len() - host_routes,
+        m.endpoints.len(),
+        m.exact.len(),
+        m.prefixes.len(),
+        m.prefilter.len(),
+    ]
+}
+
+/// The first map whose count in `fill` exceeds its capacity.
+pub(crate) fn first_overflow(fill: &[usize; 6]) -> Option<Overflow> {
+    MAP_CAPACITIES
+        .iter()
+        .zip(fill)
+        .find(|((_, cap), n)| **n > *cap as usize)
+        .map(|(&(map, capacity), &needed)| Overflow {
             map,
             needed,
             capacity,
