@@ -194,3 +194,95 @@ spec:
         "denials counted"
     );
 }
+
+/// Egress HTTP rules of the tiefighters toward the deathstar, whose own ingress policy only
+/// admits Empire pods: the proxy's upstream to another node must present the client's
+/// address (that node's policy sees no marks, only addresses), and its replies must come back
+/// to the proxy (`from_uplink`'s reply steering). Then the deathstar's ingress HTTP rules on
+/// top: a cross-node request passes both nodes' proxies.
+#[test]
+fn egress_http_rules_toward_another_node_keep_the_client_identity() {
+    let s = scenario(TOPOLOGY);
+    let mut lab = up(&s, &[]);
+    write_source_file(
+        &lab,
+        "egress.yaml",
+        r#"apiVersion: moat.dev/v1alpha1
+kind: MoatNetworkPolicy
+metadata: {name: tiefighter-http, namespace: default}
+spec:
+  podSelector:
+    matchLabels: {class: tiefighter}
+  egress:
+  - to:
+    - podSelector:
+        matchLabels: {class: deathstar}
+    ports:
+    - {port: 80, protocol: TCP}
+    http:
+    - {method: POST, path: /v1/request-landing}
+    - {method: GET, pathPrefix: /v1/}
+"#,
+    );
+    write_source_file(
+        &lab,
+        "ingress.yaml",
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deathstar-empire, namespace: default}
+spec:
+  podSelector:
+    matchLabels: {class: deathstar}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels: {org: empire}
+    ports:
+    - {port: 80, protocol: TCP}
+"#,
+    );
+    lab.wait_programmed().unwrap();
+    for from in ["default/tiefighter", "default/interceptor"] {
+        let mut conn = connect(&lab, from, "default/deathstar", 80, T)
+            .unwrap_or_else(|| panic!("{from}: connect to the deathstar"));
+        for (method, path, want) in [
+            ("POST", "/v1/request-landing", 200),
+            ("PUT", "/v1/exhaust-port", 403),
+            ("GET", "/v1/status/shields", 404),
+            ("POST", "/v1/request-landing", 200),
+        ] {
+            let (status, body) = exchange(&mut conn, method, path, "");
+            assert_eq!(status, want, "{from}: {method} {path}: {body:?}");
+        }
+    }
+
+    // Both sides: the deathstar's ingress HTTP rules behind the interceptor's egress rules: a
+    // request passes only if both allow.
+    write_source_file(&lab, "ingress.yaml", &l7_policy("/v1/none"));
+    lab.wait_programmed().unwrap();
+    let mut conn = connect(&lab, "default/interceptor", "default/deathstar", 80, T).unwrap();
+    for (method, path, headers, want) in [
+        ("POST", "/v1/request-landing", "", 200),
+        ("GET", "/v1/status/shields", "", 404),
+        ("GET", "/v1/ships/x", "", 403),
+        ("GET", "/", "X-Clearance: sith\r\n", 403),
+        ("PUT", "/v1/exhaust-port", "", 403),
+    ] {
+        let (status, body) = exchange(&mut conn, method, path, headers);
+        assert_eq!(status, want, "interceptor: {method} {path}: {body:?}");
+    }
+    // Each node counted its denials with the policy whose HTTP rules made them: the
+    // deathstar's node its ingress rules', the interceptor's node its egress rules'.
+    for (node, policy) in [(0, "deathstar-http"), (1, "tiefighter-http")] {
+        let metrics = get(&lab.agents()[node].socket, "/metrics").1;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("moat_l7_requests_total")
+                    && l.contains("verdict=\"denied\"")
+                    && l.contains(&format!("policy=\"{policy}\""))),
+            "node {node}: denials counted with policy {policy}: {metrics}"
+        );
+    }
+}

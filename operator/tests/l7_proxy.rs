@@ -253,8 +253,8 @@ async fn l7_both_ends_decide() {
         [
             (Some(Direction::Egress), L7Verdict::Allowed, Some(10), 200),
             (Some(Direction::Ingress), L7Verdict::Allowed, Some(20), 200),
-            (Some(Direction::Ingress), L7Verdict::Denied, None, 403),
-            (Some(Direction::Egress), L7Verdict::Denied, None, 403),
+            (Some(Direction::Ingress), L7Verdict::Denied, Some(20), 403),
+            (Some(Direction::Egress), L7Verdict::Denied, Some(10), 403),
         ]
     );
     let reqs = h.stats.requests();

@@ -329,15 +329,10 @@ fn decide_with_destination(
     d
 }
 
-/// The proxy port when local destination `dst`'s ingress policy redirects this TCP flow
+/// The proxy port when local destination `dst_ep`'s ingress policy redirects this TCP flow
 /// from a source of identity `src_identity`.
 #[inline(always)]
-fn destination_redirect(dst: &IpcacheValue, src_identity: u32, pkt: &Packet) -> Option<u16> {
-    if dst.endpoint_id == 0 || pkt.protocol != IPPROTO_TCP {
-        return None;
-    }
-    // SAFETY: plain data, copied out at once.
-    let dst_ep = (unsafe { ENDPOINTS_BY_ID.get(dst.endpoint_id) }).copied()?;
+fn ingress_redirect(dst_ep: &EndpointInfo, src_identity: u32, pkt: &Packet) -> Option<u16> {
     if dst_ep.flags & ep_flag(ep_flags::L7, direction::INGRESS) == 0 {
         return None;
     }
@@ -346,24 +341,39 @@ fn destination_redirect(dst: &IpcacheValue, src_identity: u32, pkt: &Packet) -> 
         endpoint_id: 0,
         flags: 0,
     };
-    let d = decide(&dst_ep, direction::INGRESS, &src, pkt);
+    let d = decide(dst_ep, direction::INGRESS, &src, pkt);
     (d.action == action::REDIRECT).then_some(d.proxy_port)
 }
 
-/// TC ingress on node uplinks: flows from other nodes to local endpoints whose ingress policy
-/// redirects them are steered to the proxy, on every packet (established sockets first). No
-/// L3/L4 verdict is made here: the destination's `to_endpoint` makes it.
+/// TC ingress on node uplinks, for TCP to local endpoints with HTTP rules; makes no L3/L4
+/// verdict (the destination's `to_endpoint` does). On every packet (established sockets
+/// first):
+/// - replies to the proxy's upstream connections, which it makes from a local client's
+///   address toward other nodes (the client's egress HTTP rules), go to those sockets;
+/// - flows from other nodes that the destination's ingress policy redirects go to the proxy.
 #[classifier]
 pub fn from_uplink(ctx: TcContext) -> i32 {
     let Parsed::Packet(pkt) = parse::parse(&ctx) else {
         return TC_ACT_OK;
     };
-    if pkt.icmp_error {
+    if pkt.icmp_error || pkt.protocol != IPPROTO_TCP {
         return TC_ACT_OK;
     }
     let dst = peer_of(pkt.family, &pkt.daddr);
+    if dst.endpoint_id == 0 {
+        return TC_ACT_OK;
+    }
+    // SAFETY: plain data, copied out at once.
+    let Some(dst_ep) = (unsafe { ENDPOINTS_BY_ID.get(dst.endpoint_id) }).copied() else {
+        return TC_ACT_OK;
+    };
+    if dst_ep.flags & ep_flag(ep_flags::L7, direction::EGRESS) != 0
+        && steer::to_upstream(&ctx, &pkt)
+    {
+        return TC_ACT_OK;
+    }
     let src = peer_of(pkt.family, &pkt.saddr);
-    let Some(port) = destination_redirect(&dst, src.identity, &pkt) else {
+    let Some(port) = ingress_redirect(&dst_ep, src.identity, &pkt) else {
         return TC_ACT_OK;
     };
     if steer::to_proxy(&ctx, &pkt, port).is_ok() {

@@ -30,11 +30,9 @@ fn lookup(ctx: &TcContext, tuple: &mut bpf_sock_tuple, v4: bool) -> *mut bpf_soc
     }
 }
 
-/// Assign the packet to the proxy's socket for this flow. `Err` means the proxy cannot take
-/// it (not listening, or a non-SYN packet of a flow it does not know): the caller drops.
+/// The packet's own tuple, as a socket of this namespace would be looked up for it.
 #[inline(always)]
-pub fn to_proxy(ctx: &TcContext, pkt: &Packet, proxy_port: u16) -> Result<(), ()> {
-    let v4 = pkt.family == family::V4;
+fn packet_tuple(pkt: &Packet, v4: bool) -> bpf_sock_tuple {
     // SAFETY: plain-old-data union, fully initialised below.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     // Union field writes are safe: both variants are plain data.
@@ -49,15 +47,44 @@ pub fn to_proxy(ctx: &TcContext, pkt: &Packet, proxy_port: u16) -> Result<(), ()
         tuple.__bindgen_anon_1.ipv6.sport = pkt.sport;
         tuple.__bindgen_anon_1.ipv6.dport = pkt.dport;
     }
-    let sk = lookup(ctx, &mut tuple, v4);
-    if !sk.is_null() {
-        // SAFETY: non-null socket reference from the lookup.
-        let state = unsafe { (*sk).state };
-        if state != TCP_LISTEN && state != TCP_TIME_WAIT {
-            return assign(ctx, sk);
-        }
-        // SAFETY: releasing the reference we hold.
-        unsafe { bpf_sk_release(sk as *mut _) };
+    tuple
+}
+
+/// Assigns the packet to the connected (or connecting) socket of this namespace its tuple
+/// names, if there is one: `None` when there is none (listeners and TIME_WAIT do not count).
+#[inline(always)]
+fn to_connected(ctx: &TcContext, tuple: &mut bpf_sock_tuple, v4: bool) -> Option<Result<(), ()>> {
+    let sk = lookup(ctx, tuple, v4);
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null socket reference from the lookup.
+    let state = unsafe { (*sk).state };
+    if state != TCP_LISTEN && state != TCP_TIME_WAIT {
+        return Some(assign(ctx, sk));
+    }
+    // SAFETY: releasing the reference we hold.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    None
+}
+
+/// A reply to one of the proxy's upstream connections made from a client's address (to
+/// another node): delivered to that socket, else left alone (`false`: not the proxy's).
+#[inline(always)]
+pub fn to_upstream(ctx: &TcContext, pkt: &Packet) -> bool {
+    let v4 = pkt.family == family::V4;
+    let mut tuple = packet_tuple(pkt, v4);
+    matches!(to_connected(ctx, &mut tuple, v4), Some(Ok(())))
+}
+
+/// Assign the packet to the proxy's socket for this flow. `Err` means the proxy cannot take
+/// it (not listening, or a non-SYN packet of a flow it does not know): the caller drops.
+#[inline(always)]
+pub fn to_proxy(ctx: &TcContext, pkt: &Packet, proxy_port: u16) -> Result<(), ()> {
+    let v4 = pkt.family == family::V4;
+    let mut tuple = packet_tuple(pkt, v4);
+    if let Some(assigned) = to_connected(ctx, &mut tuple, v4) {
+        return assigned;
     }
     // Only a SYN may open a connection to the listener; anything else of an unknown flow
     // would get the listener's RST.

@@ -142,8 +142,15 @@ pub struct L7Policy {
 /// What one side's rules say about a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SideVerdict {
-    Allowed { rule_id: u32 },
-    Denied,
+    Allowed {
+        rule_id: u32,
+    },
+    /// No rule of the side matched. `rule_id`: the side's first HTTP rule (lowest id), whose
+    /// policy the denial is charged to, as default-deny drops are charged to the isolating
+    /// policy; `None` when the side has no HTTP rule for the flow at all.
+    Denied {
+        rule_id: Option<u32>,
+    },
 }
 
 /// The HTTP rules that govern one flow, resolved once per connection and policy revision.
@@ -151,6 +158,8 @@ pub enum SideVerdict {
 pub struct FlowRules {
     pub src_identity: u32,
     pub dst_identity: u32,
+    /// The destination is an endpoint of this node.
+    pub dst_local: bool,
     /// The source's egress matchers, if its rules govern this flow.
     pub egress: Option<Vec<Arc<Matcher>>>,
     /// The destination's ingress matchers, if its rules govern this flow.
@@ -184,14 +193,14 @@ impl FlowRules {
             (Direction::Ingress, &self.ingress),
         ] {
             let Some(ms) = ms else { continue };
-            let v = ms
-                .iter()
-                .find(|m| m.matches(req))
-                .map_or(SideVerdict::Denied, |m| SideVerdict::Allowed {
-                    rule_id: m.rule_id,
-                });
+            let v = ms.iter().find(|m| m.matches(req)).map_or(
+                SideVerdict::Denied {
+                    rule_id: ms.first().map(|m| m.rule_id),
+                },
+                |m| SideVerdict::Allowed { rule_id: m.rule_id },
+            );
             sides.push((dir, v));
-            if v == SideVerdict::Denied {
+            if matches!(v, SideVerdict::Denied { .. }) {
                 break;
             }
         }
@@ -319,6 +328,7 @@ impl L7Policy {
         FlowRules {
             src_identity: s.identity,
             dst_identity: d.identity,
+            dst_local: d.endpoint_id != 0,
             egress: self.side(s.endpoint_id, Direction::Egress, d.identity, dst.port()),
             ingress: self.side(d.endpoint_id, Direction::Ingress, s.identity, dst.port()),
         }
@@ -450,7 +460,11 @@ mod tests {
             "10.1.2.3:80".parse().unwrap(),
         );
         let d = r.decide(&head("GET", "/cidr", ""));
-        assert_eq!(d.sides, vec![(Direction::Ingress, SideVerdict::Denied)]);
+        assert_eq!(
+            d.sides,
+            vec![(Direction::Ingress, SideVerdict::Denied { rule_id: Some(8) })],
+            "charged to the first rule of the side"
+        );
         assert!(r.decide(&head("GET", "/any", "")).allowed());
     }
 

@@ -43,14 +43,16 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 /// Which source address upstream connections use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceMode {
     /// The node's own address (the kernel's choice). Needs no reply steering.
-    #[default]
     NodeIp,
-    /// The client's address (IP_TRANSPARENT + bind): the server sees the real client, but
-    /// replies need steering back to the proxy (the datapath's reply hook).
-    ClientIp,
+    /// Production: the client's address (IP_TRANSPARENT + bind) when the destination is not
+    /// an endpoint of this node, the node's otherwise. Another node's policy only sees
+    /// addresses (marks do not cross nodes), so it must see the client's to judge its
+    /// identity; `from_uplink` steers the replies back to the proxy. A local destination's
+    /// ingress is decided at the client's hook, as the upstream mark tells the destination's.
+    ClientIpOffNode,
 }
 
 /// Proxy settings. `Default` is production: `[::]:15001`, transparent, marked upstreams.
@@ -94,7 +96,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 15001, 0, 0)),
             transparent: true,
             upstream_mark: Some(moat_common::mark::PROXY_UPSTREAM),
-            source: SourceMode::NodeIp,
+            source: SourceMode::ClientIpOffNode,
             head_limits: HeadLimits::default(),
             response_head_limits: HeadLimits {
                 max_bytes: 64 * 1024,
@@ -116,12 +118,13 @@ impl Default for ProxyConfig {
 
 impl ProxyConfig {
     /// A configuration for unprivileged tests: loopback listener on an ephemeral port, no
-    /// transparency, no mark.
+    /// transparency, no mark, upstreams from the node's address.
     pub fn unprivileged() -> Self {
         ProxyConfig {
             listen: "127.0.0.1:0".parse().expect("literal address"),
             transparent: false,
             upstream_mark: None,
+            source: SourceMode::NodeIp,
             ..ProxyConfig::default()
         }
     }
@@ -417,13 +420,18 @@ impl Upstream {
     }
 }
 
-async fn connect_upstream(cfg: &ProxyConfig, flow: &Flow) -> io::Result<TcpStream> {
+/// Connects to the flow's upstream; `dst_local`: the destination is an endpoint of this node.
+async fn connect_upstream(
+    cfg: &ProxyConfig,
+    flow: &Flow,
+    dst_local: bool,
+) -> io::Result<TcpStream> {
     let to = flow.upstream;
     let sock = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
     if let Some(mark) = cfg.upstream_mark {
         sock.set_mark(mark)?;
     }
-    if cfg.source == SourceMode::ClientIp {
+    if cfg.source == SourceMode::ClientIpOffNode && !dst_local {
         if flow.client.is_ipv4() != to.is_ipv4() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -782,8 +790,8 @@ impl Conn {
                     Some(*rule_id),
                     Some(*dir),
                 ),
-                SideVerdict::Denied => {
-                    self.event(Some(head), status, L7Verdict::Denied, None, Some(*dir))
+                SideVerdict::Denied { rule_id } => {
+                    self.event(Some(head), status, L7Verdict::Denied, *rule_id, Some(*dir))
                 }
             }
         }
@@ -896,7 +904,8 @@ impl Conn {
             self.upstream = None;
         }
         if self.upstream.is_none() {
-            match connect_upstream(cfg, &self.flow).await {
+            let dst_local = self.rules().dst_local;
+            match connect_upstream(cfg, &self.flow, dst_local).await {
                 Ok(s) => {
                     let (rd, wr) = s.into_split();
                     self.upstream = Some(Upstream {
