@@ -49,7 +49,8 @@ pub struct L7Event {
     /// upstream failed).
     pub status: u16,
     pub verdict: L7Verdict,
-    /// The rule that allowed the request (for `Allowed`), none otherwise.
+    /// The rule that allowed the request (for `Allowed`); for `Denied`, the first HTTP rule
+    /// of the side that denied it (whose policy the denial is charged to); none otherwise.
     pub rule_id: Option<u32>,
     /// Which side's rules the event is about; `None`: no side governs the flow (fail closed)
     /// or the request was invalid.
@@ -76,7 +77,8 @@ pub fn method_label(method: &str) -> &'static str {
 /// Key of the request counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestKey {
-    /// The allowing rule; `None` for denials that no rule attributes and invalid requests.
+    /// The allowing rule, or for a denial the denying side's first rule; `None` for denials
+    /// of flows no side governs, and for invalid requests.
     pub rule_id: Option<u32>,
     pub direction: Option<Direction>,
     pub verdict: L7Verdict,
