@@ -7,7 +7,7 @@ MOAT := $(or $(CARGO_TARGET_DIR),target)/release/moat
 SCENARIOS := e2e/scenarios/*.yaml e2e/scenarios/moat/*.yaml
 
 .PHONY: all toolchain debs build fmt-check clippy manifests conformance fuzz fuzz-smoke test \
-	demo image e2e-kind bench-datapath bench-agent
+	demo image e2e-kind bench-datapath bench-agent bench-compiler
 
 all: build
 
@@ -68,3 +68,13 @@ bench-datapath: toolchain
 # Needs the agent binary next to the example: build first.
 bench-agent: build
 	$(CARGO) run $(PROFILE) -p moat --example bench-agent
+
+# The pure compiler on 10,000 pods and 1,000 policies: full compile and one-change recompiles.
+bench-compiler: toolchain
+	$(CARGO) run $(PROFILE) -p moat --example bench-compiler
+
+# Root, ~15 min: iperf3/wrk/nginx through a lab node with no filter, moat, iptables and
+# nftables (interleaved runs; MOAT_BENCH_RUNS, MOAT_BENCH_SECONDS, MOAT_BENCH_CONFIGS shorten it).
+.PHONY: bench-throughput
+bench-throughput: toolchain debs
+	$(CARGO) run $(PROFILE) -p moat-datapath --example bench-throughput

@@ -9,12 +9,12 @@
 //! stays a pure function of (model, allocations).
 
 use crate::api::Protocol;
-use crate::model::Model;
+use crate::model::{Endpoint, Model};
 use crate::selector::Labels;
 use ipnet::IpNet;
 use moat_common::{capacity, identity as reserved};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 /// A range of numbers handed out by key. A number freed in one compile is not reused until
@@ -201,43 +201,59 @@ pub fn assign(
         .collect();
     let empty = Labels::new();
 
-    // Group addresses by label key, with the discriminator each would need.
+    // Group addresses by label key, with the discriminator each would need. Pods with equal
+    // labels in one namespace share their key, which is made once per such group.
     type Sig = (Vec<IpNet>, Vec<Option<u16>>);
-    let mut groups: BTreeMap<String, Vec<(IpAddr, Owner, Sig)>> = BTreeMap::new();
+    type Members = Vec<(IpAddr, Owner, Sig)>;
+    let mut groups: Vec<(String, Members)> = vec![
+        ("reserved:host".into(), Vec::new()),
+        ("reserved:remote-node".into(), Vec::new()),
+    ];
+    let label_key = |ep: &Endpoint| {
+        let nsl = ns_labels
+            .get(ep.namespace.as_str())
+            .copied()
+            .unwrap_or(&empty);
+        serde_json::json!({"ns": ep.namespace, "nsLabels": nsl, "labels": ep.labels}).to_string()
+    };
+    let mut pod_groups: HashMap<(&str, &Labels), usize> = HashMap::new();
+    // Group and named ports of each pod, for its second address.
+    let mut pod_sig: Vec<Option<(usize, Vec<Option<u16>>)>> = vec![None; model.endpoints.len()];
     for (&addr, &owner) in &owners {
         let within: Vec<IpNet> = cidrs
             .iter()
             .filter(|c| c.contains(&addr))
             .copied()
             .collect();
-        let (key, ports) = match owner {
-            Owner::LocalNode => ("reserved:host".to_string(), Vec::new()),
-            Owner::RemoteNode => ("reserved:remote-node".to_string(), Vec::new()),
-            Owner::Pod(i) => {
-                let ep = &model.endpoints[i];
-                let nsl = ns_labels
-                    .get(ep.namespace.as_str())
-                    .copied()
-                    .unwrap_or(&empty);
-                let key =
-                    serde_json::json!({"ns": ep.namespace, "nsLabels": nsl, "labels": ep.labels})
-                        .to_string();
-                let ports = port_names
-                    .iter()
-                    .map(|(n, p)| ep.named_port(n, *p))
-                    .collect();
-                (key, ports)
-            }
+        let (group, ports) = match owner {
+            Owner::LocalNode => (0, Vec::new()),
+            Owner::RemoteNode => (1, Vec::new()),
+            Owner::Pod(i) => pod_sig[i]
+                .get_or_insert_with(|| {
+                    let ep = &model.endpoints[i];
+                    let group = *pod_groups
+                        .entry((ep.namespace.as_str(), &ep.labels))
+                        .or_insert_with(|| {
+                            groups.push((label_key(ep), Vec::new()));
+                            groups.len() - 1
+                        });
+                    let ports = port_names
+                        .iter()
+                        .map(|(n, p)| ep.named_port(n, *p))
+                        .collect();
+                    (group, ports)
+                })
+                .clone(),
         };
-        groups
-            .entry(key)
-            .or_default()
-            .push((addr, owner, (within, ports)));
+        groups[group].1.push((addr, owner, (within, ports)));
     }
 
     let mut table = IdentityTable::default();
     let mut keyed: Vec<(String, Vec<(IpAddr, Owner)>)> = Vec::new();
     for (key, members) in groups {
+        if members.is_empty() {
+            continue;
+        }
         let uniform = members.windows(2).all(|w| w[0].2 == w[1].2);
         if key == "reserved:host" {
             // The own node is always HOST: traffic with it is allowed by rule 3 whatever CIDRs
@@ -272,16 +288,16 @@ pub fn assign(
         if uniform {
             keyed.push((key, members.into_iter().map(|m| (m.0, m.1)).collect()));
         } else {
-            let mut parts: BTreeMap<String, Vec<(IpAddr, Owner)>> = BTreeMap::new();
+            // Split by discriminator; each distinct one is spelled out once.
+            let mut parts: BTreeMap<Sig, Vec<(IpAddr, Owner)>> = BTreeMap::new();
             for (a, o, sig) in members {
+                parts.entry(sig).or_default().push((a, o));
+            }
+            keyed.extend(parts.into_iter().map(|(sig, part)| {
                 let cidrs: Vec<String> = sig.0.iter().map(|c| c.to_string()).collect();
                 let split = serde_json::json!({"cidrs": cidrs, "ports": sig.1}).to_string();
-                parts
-                    .entry(format!("{key}|{split}"))
-                    .or_default()
-                    .push((a, o));
-            }
-            keyed.extend(parts);
+                (format!("{key}|{split}"), part)
+            }));
         }
     }
     let ids = alloc.identities.assign(keyed.iter().map(|(k, _)| k))?;
@@ -360,7 +376,7 @@ fn address_owners(model: &Model) -> BTreeMap<IpAddr, Owner> {
         }
     }
     let mut pods: Vec<usize> = (0..model.endpoints.len()).collect();
-    pods.sort_by_key(|&i| model.endpoints[i].key());
+    pods.sort_by_cached_key(|&i| model.endpoints[i].key());
     for &i in &pods {
         let ep = &model.endpoints[i];
         if ep.phase != crate::model::Phase::Running || !ep.host_network {

@@ -45,7 +45,8 @@ pub fn to_endpoint(ctx: TcContext) -> i32 {
     endpoint_hook(&ctx, direction::INGRESS)
 }
 
-/// What the hook knows while deciding, for counters and events.
+/// What the hook knows while deciding, for counters and events. The endpoint's id and
+/// identity are filled in by [`Ctx::endpoint`], which tracked flows never need.
 struct Ctx<'a> {
     cfg: Config,
     tc: &'a TcContext,
@@ -57,6 +58,16 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The endpoint behind this interface, remembered for events.
+    #[inline(always)]
+    fn endpoint(&mut self) -> Option<EndpointInfo> {
+        // SAFETY: plain data, copied out at once.
+        let ep = (unsafe { ENDPOINTS.get(self.ifindex) }).copied()?;
+        self.endpoint_id = ep.endpoint_id;
+        self.identity = ep.identity;
+        Some(ep)
+    }
+
     /// Count a verdict, emit an event of `kind` when asked, and return the TC action.
     #[inline(always)]
     fn finish(
@@ -120,39 +131,22 @@ impl Ctx<'_> {
 fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let (ifindex, skb_mark) = unsafe { ((*tc.skb.skb).ifindex, (*tc.skb.skb).mark) };
-    let cfg = config();
-    // SAFETY: plain data, copied out at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-        // A program on an interface moat does not know: fail closed.
-        count(
-            &cfg,
-            dir,
-            verdict::DROPPED,
-            reason::NO_ENDPOINT,
-            0,
-            tc.len(),
-        );
-        return TC_ACT_SHOT;
-    };
-    let c = Ctx {
-        cfg,
+    let mut c = Ctx {
+        cfg: config(),
         tc,
         dir,
         ifindex,
         len: tc.len(),
-        endpoint_id: ep.endpoint_id,
-        identity: ep.identity,
+        endpoint_id: 0,
+        identity: 0,
     };
-    let enforced = ep.flags & ep_flag(ep_flags::POLICY, dir) != 0;
     let pkt = match parse::parse(tc) {
         Parsed::Packet(p) => p,
-        Parsed::Pass => return TC_ACT_OK,
-        Parsed::Malformed => return unparsable(&c, enforced, reason::MALFORMED),
-        Parsed::UnknownFragment => return unparsable(&c, enforced, reason::FRAGMENT),
+        other => return not_a_flow(&mut c, other),
     };
 
-    // The conntrack key is the endpoint's view: local and remote. An ICMP error carries the
-    // packet it is about, which travelled the other way.
+    // The conntrack key is the endpoint's view: its interface, local and remote. An ICMP
+    // error carries the packet it is about, which travelled the other way.
     let key_dir = if pkt.icmp_error { dir ^ 1 } else { dir };
     let (local, remote, local_port, remote_port) = if key_dir == direction::INGRESS {
         (pkt.daddr, pkt.saddr, pkt.dport, pkt.sport)
@@ -160,7 +154,7 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
         (pkt.saddr, pkt.daddr, pkt.sport, pkt.dport)
     };
     let key = CtKey {
-        endpoint_id: ep.endpoint_id,
+        ifindex,
         local_port,
         remote_port,
         protocol: pkt.protocol,
@@ -170,7 +164,31 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
         remote,
     };
     let now = now_ns();
+    let revision = REVISION.get(0).copied().unwrap_or(0);
+    let tcp = pkt.protocol == IPPROTO_TCP;
+    // A SYN always opens a new flow under the current policy (also on port reuse).
+    let syn = tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let proxied = dir == direction::INGRESS && skb_mark & mark::MASK == mark::PROXY_UPSTREAM;
 
+    // Most packets belong to a tracked flow, and one admitted under the current revision
+    // needs nothing but its conntrack entry: the endpoint entry is read only when a flow is
+    // decided (or a drop reported), which keeps a hash lookup off the common path.
+    if !pkt.icmp_error
+        && !syn
+        && let Some(e) = CONNTRACK.get_ptr_mut(key)
+    {
+        // SAFETY: LRU value pointer valid for this run; races with other CPUs only touch
+        // timestamps and flags of the same flow.
+        let e = unsafe { &mut *e };
+        if e.expires_ns > now {
+            return established(&mut c, &pkt, e, revision, now, proxied);
+        }
+    }
+
+    let Some(ep) = c.endpoint() else {
+        return no_endpoint(&c);
+    };
+    let enforced = ep.flags & ep_flag(ep_flags::POLICY, dir) != 0;
     if pkt.icmp_error {
         // SAFETY: plain data, copied out at once.
         return match unsafe { CONNTRACK.get(key) } {
@@ -187,21 +205,6 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
             ),
             _ => c.finish(&pkt, 0, verdict::FORWARDED, reason::NOT_ISOLATED, 0, None),
         };
-    }
-
-    let revision = REVISION.get(0).copied().unwrap_or(0);
-    let tcp = pkt.protocol == IPPROTO_TCP;
-    // A SYN always opens a new flow under the current policy (also on port reuse).
-    let syn = tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let proxied = dir == direction::INGRESS && skb_mark & mark::MASK == mark::PROXY_UPSTREAM;
-
-    if !syn && let Some(e) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: LRU value pointer valid for this run; races with other CPUs only touch
-        // timestamps and flags of the same flow.
-        let e = unsafe { &mut *e };
-        if e.expires_ns > now {
-            return established(&c, &pkt, &ep, e, revision, now, proxied);
-        }
     }
 
     // A new flow.
@@ -391,6 +394,36 @@ pub fn from_uplink(ctx: TcContext) -> i32 {
     TC_ACT_SHOT
 }
 
+/// A program on an interface moat does not know: fail closed.
+#[inline(always)]
+fn no_endpoint(c: &Ctx) -> i32 {
+    count(
+        &c.cfg,
+        c.dir,
+        verdict::DROPPED,
+        reason::NO_ENDPOINT,
+        0,
+        c.len,
+    );
+    TC_ACT_SHOT
+}
+
+/// A packet that is not part of a flow: non-IP and neighbour discovery pass, malformed
+/// packets and fragments we cannot attribute are dropped where policy applies — on an
+/// interface moat knows.
+#[inline(always)]
+fn not_a_flow(c: &mut Ctx, parsed: Parsed) -> i32 {
+    let Some(ep) = c.endpoint() else {
+        return no_endpoint(c);
+    };
+    let enforced = ep.flags & ep_flag(ep_flags::POLICY, c.dir) != 0;
+    match parsed {
+        Parsed::Malformed => unparsable(c, enforced, reason::MALFORMED),
+        Parsed::UnknownFragment => unparsable(c, enforced, reason::FRAGMENT),
+        Parsed::Pass | Parsed::Packet(_) => TC_ACT_OK,
+    }
+}
+
 /// A malformed packet, or a fragment we cannot attribute: dropped where policy applies.
 #[inline(always)]
 fn unparsable(c: &Ctx, enforced: bool, why: u8) -> i32 {
@@ -446,9 +479,8 @@ fn redirect(c: &Ctx, pkt: &Packet, proxy_port: u16) -> bool {
 /// A packet of a tracked flow.
 #[inline(always)]
 fn established(
-    c: &Ctx,
+    c: &mut Ctx,
     pkt: &Packet,
-    ep: &EndpointInfo,
     e: &mut CtValue,
     revision: u32,
     now: u64,
@@ -457,6 +489,12 @@ fn established(
     let forward = e.initiator == c.dir;
     if forward && e.revision != revision {
         // Policy changed since the flow was admitted: look it up again (semantic rule 6).
+        let Some(ep) = c.endpoint() else {
+            // The interface lost its endpoint: its flows end, replies included.
+            e.revision = revision;
+            e.flags |= ct_flags::DENIED;
+            return no_endpoint(c);
+        };
         let remote = if c.dir == direction::INGRESS {
             &pkt.saddr
         } else {
@@ -466,7 +504,7 @@ fn established(
         let d = if proxied {
             Decision::proxied()
         } else {
-            decide_with_destination(ep, c.dir, &peer, pkt)
+            decide_with_destination(&ep, c.dir, &peer, pkt)
         };
         e.revision = revision;
         e.rule_id = d.rule_id;
@@ -497,6 +535,8 @@ fn established(
         return c.finish(pkt, 0, verdict::DROPPED, reason::REVOKED, e.rule_id, None);
     }
     if forward && e.flags & ct_flags::REDIRECT != 0 && !redirect(c, pkt, e.proxy_port) {
+        // For the event's identities.
+        let _ = c.endpoint();
         return c.finish(
             pkt,
             0,

@@ -584,10 +584,39 @@ fn unknown_interface_fails_closed() {
     let root = PinRoot::new("noep");
     let dp = root.open();
     assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), SHOT);
+    // Packets that belong to no flow too (the hook parses before it reads the endpoint).
+    let mut arp = vec![0xff; 6];
+    arp.extend([2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend([0; 20]);
+    assert_eq!(run(&dp, Hook::ToEndpoint, &arp), SHOT);
+    assert_eq!(
+        verdicts(&dp, INGRESS, verdict::DROPPED, reason::NO_ENDPOINT),
+        2
+    );
+}
+
+#[test]
+fn an_interface_that_loses_its_endpoint_ends_its_flows() {
+    // Tracked flows are found by interface, without reading the endpoint entry. Once the
+    // endpoint is gone and the batch's revision is bumped, the next forward packet fails
+    // closed, and replies follow it.
+    let (_root, mut dp) = setup("lostep", &[INGRESS]);
+    allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 7);
+    bump(&mut dp);
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
+    let data_in = packet(v4(PEER), v4(ME), tcp(ACK, 40000, 80));
+    let data_out = packet(v4(ME), v4(PEER), tcp(ACK, 80, 40000));
+    assert_eq!(run(&dp, Hook::ToEndpoint, &data_in), OK);
+    dp.apply(&[MapOp::EndpointRemove(IFINDEX)]).unwrap();
+    bump(&mut dp);
+    assert_eq!(run(&dp, Hook::ToEndpoint, &data_in), SHOT);
     assert_eq!(
         verdicts(&dp, INGRESS, verdict::DROPPED, reason::NO_ENDPOINT),
         1
     );
+    assert_eq!(run(&dp, Hook::FromEndpoint, &data_out), SHOT);
+    assert_eq!(verdicts(&dp, EGRESS, verdict::DROPPED, reason::REVOKED), 1);
 }
 
 #[test]

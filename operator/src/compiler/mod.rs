@@ -15,13 +15,14 @@ pub mod subject;
 use crate::api::{HeaderMatch, HttpRule, PolicyStatus};
 use crate::identity::{self, Allocations, Exhausted};
 use crate::model::{Model, Phase, PolicyKind, PolicyRef};
+use crate::selector::Labels;
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use moat_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, capacity, direction};
 use normalize::NormPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use subject::{EndpointPolicy, RuleSetContent};
+use subject::{EndpointPolicy, Resolved, RuleSetContent};
 
 /// Settings of the node that are not part of the cluster model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,9 +250,10 @@ pub fn compile(
 ) -> Result<(DesiredState, Allocations), CompileError> {
     let mut outcomes = BTreeMap::new();
     let mut accepted: Vec<NormPolicy> = Vec::new();
+    let mut seen = BTreeSet::new();
     for p in &model.policies {
         let r = p.reference();
-        if outcomes.contains_key(&r) || accepted.iter().any(|a| a.reference == r) {
+        if !seen.insert(r.clone()) {
             continue;
         }
         match normalize::normalize(p) {
@@ -273,13 +275,23 @@ pub fn compile(
         match build(model, alloc, cfg, &accepted)? {
             Ok((mut state, alloc)) => {
                 let ns_labels = peers::namespace_labels(model);
-                for p in &accepted {
-                    let selected = model
-                        .endpoints
-                        .iter()
-                        .filter(|e| e.phase == Phase::Running && !e.host_network)
-                        .filter(|e| subject::selects(p, e, &ns_labels))
-                        .count();
+                let mut pods: BTreeMap<&str, Vec<&Labels>> = BTreeMap::new();
+                for e in &model.endpoints {
+                    if e.phase == Phase::Running && !e.host_network {
+                        pods.entry(&e.namespace).or_default().push(&e.labels);
+                    }
+                }
+                // Per namespace, only the policies that can select its pods are tried.
+                let mut selected = vec![0; accepted.len()];
+                let candidates = subject::by_namespace(&accepted, pods.keys().copied(), &ns_labels);
+                for (ns, ps) in candidates {
+                    for labels in &pods[ns] {
+                        for &i in &ps {
+                            selected[i] += usize::from(subject::selects_pod(&accepted[i], labels));
+                        }
+                    }
+                }
+                for (p, selected) in accepted.iter().zip(selected) {
                     outcomes.insert(
                         p.reference.clone(),
                         PolicyOutcome {
@@ -414,7 +426,7 @@ fn build(
                 && e.interface.is_some()
         })
         .collect();
-    local.sort_by_key(|&i| model.endpoints[i].key());
+    local.sort_by_cached_key(|&i| model.endpoints[i].key());
     let ep_keys: Vec<String> = local.iter().map(|&i| model.endpoints[i].key()).collect();
     next.endpoints = alloc.endpoints.assign(ep_keys.iter())?;
 
@@ -422,40 +434,74 @@ fn build(
     let ctx = subject::Context {
         model,
         ids: &ids,
-        ns_labels: &ns_labels,
-        rule_ids: &rule_ids,
         proxy_port: cfg.proxy_port,
     };
-    let compiled: Vec<(usize, EndpointPolicy)> = local
+    let local_ns: BTreeSet<&str> = local
+        .iter()
+        .map(|&i| model.endpoints[i].namespace.as_str())
+        .collect();
+    let candidates = subject::by_namespace(policies, local_ns, &ns_labels);
+    let selecting: Vec<Vec<usize>> = local
         .iter()
         .map(|&i| {
             let ep = &model.endpoints[i];
-            let selecting: Vec<&NormPolicy> = policies
+            candidates[ep.namespace.as_str()]
                 .iter()
-                .filter(|p| subject::selects(p, ep, &ns_labels))
+                .copied()
+                .filter(|&p| subject::selects_pod(&policies[p], &ep.labels))
+                .collect()
+        })
+        .collect();
+    // Peers are resolved once per policy, for all the endpoints it selects.
+    let index = peers::PeerIndex::new(&ids, &ns_labels);
+    let mut resolved: Vec<Option<Resolved>> = policies.iter().map(|_| None).collect();
+    for &p in selecting.iter().flatten() {
+        if resolved[p].is_none() {
+            resolved[p] = Some(Resolved::new(&policies[p], &index, &rule_ids));
+        }
+    }
+    let compiled: Vec<(usize, EndpointPolicy)> = local
+        .iter()
+        .zip(&selecting)
+        .map(|(&i, sel)| {
+            let selecting: Vec<&Resolved> = sel
+                .iter()
+                .map(|&p| resolved[p].as_ref().expect("resolved above"))
                 .collect();
-            (i, subject::compile_endpoint(&ctx, ep, &selecting))
+            (
+                i,
+                subject::compile_endpoint(&ctx, &model.endpoints[i], &selecting),
+            )
         })
         .collect();
 
     // Rule sets: endpoints with equal content share a subject, numbered by content digest.
-    let mut contents: BTreeMap<&RuleSetContent, String> = BTreeMap::new();
+    // `ruleset_of` holds each compiled endpoint's rule set (an index into `keys`), so that
+    // contents are looked up once.
+    let mut contents: BTreeMap<&RuleSetContent, usize> = BTreeMap::new();
+    let mut keys: Vec<String> = Vec::new();
+    let mut ruleset_of: Vec<Option<usize>> = Vec::with_capacity(compiled.len());
     let mut taken: BTreeSet<String> = BTreeSet::new();
     for (_, c) in &compiled {
-        if c.content == RuleSetContent::default() || contents.contains_key(&c.content) {
+        if c.content == RuleSetContent::default() {
+            ruleset_of.push(None);
             continue;
         }
-        let base = format!("{:016x}", digest(&c.content));
-        let mut key = base.clone();
-        let mut n = 1;
-        while taken.contains(&key) {
-            n += 1;
-            key = format!("{base}#{n}");
-        }
-        taken.insert(key.clone());
-        contents.insert(&c.content, key);
+        let k = *contents.entry(&c.content).or_insert_with(|| {
+            let base = format!("{:016x}", digest(&c.content));
+            let mut key = base.clone();
+            let mut n = 1;
+            while taken.contains(&key) {
+                n += 1;
+                key = format!("{base}#{n}");
+            }
+            taken.insert(key.clone());
+            keys.push(key);
+            keys.len() - 1
+        });
+        ruleset_of.push(Some(k));
     }
-    next.rulesets = alloc.rulesets.assign(contents.values())?;
+    next.rulesets = alloc.rulesets.assign(keys.iter())?;
 
     let mut state = DesiredState {
         rules,
@@ -479,9 +525,9 @@ fn build(
             flags: 0,
         });
     }
-    for (i, c) in &compiled {
+    for (((i, c), key), ruleset) in compiled.iter().zip(&ep_keys).zip(&ruleset_of) {
         let ep = &model.endpoints[*i];
-        let endpoint_id = next.endpoints.get(&ep.key()).expect("assigned above");
+        let endpoint_id = next.endpoints.get(key).expect("assigned above");
         for a in &ep.addresses {
             if let Some(v) = maps.ipcache.get_mut(&IpNet::from(*a))
                 && ids.by_address.get(a).is_some_and(|id| {
@@ -493,9 +539,8 @@ fn build(
                 v.endpoint_id = endpoint_id;
             }
         }
-        let ruleset_id = contents
-            .get(&c.content)
-            .and_then(|k| next.rulesets.get(k))
+        let ruleset_id = ruleset
+            .and_then(|k| next.rulesets.get(&keys[k]))
             .unwrap_or(0);
         let identity = ep
             .addresses
@@ -518,8 +563,12 @@ fn build(
             },
         );
     }
-    for (content, key) in &contents {
-        let subject = next.rulesets.get(key).expect("assigned above");
+    // Each subject's entries are unique; collected, sorted and built in bulk rather than
+    // inserted one by one.
+    let entries = contents.keys().map(|c| c.entries.len()).sum();
+    let (mut exact, mut prefixes) = (Vec::with_capacity(entries), Vec::new());
+    for (content, &k) in &contents {
+        let subject = next.rulesets.get(&keys[k]).expect("assigned above");
         for (k, v) in &content.entries {
             let len = k.port.prefix_len();
             let pk = PolicyKey {
@@ -530,9 +579,9 @@ fn build(
                 dport: k.port.port.to_be_bytes(),
             };
             if len == moat_common::policy_prefix::FULL {
-                maps.exact.insert(pk, (*v).into());
+                exact.push((pk, PolicyValue::from(*v)));
             } else {
-                maps.prefixes.insert((pk, len), (*v).into());
+                prefixes.push(((pk, len), PolicyValue::from(*v)));
             }
         }
         for (&(direction, peer, first_port, last_port), matchers) in &content.l7 {
@@ -548,6 +597,10 @@ fn build(
             );
         }
     }
+    exact.sort_unstable_by_key(|&(k, _)| k);
+    prefixes.sort_unstable_by_key(|&(k, _)| k);
+    maps.exact = exact.into_iter().collect();
+    maps.prefixes = prefixes.into_iter().collect();
     for p in policies {
         for (i, net) in p.prefilter.iter().enumerate() {
             let id = rule_ids

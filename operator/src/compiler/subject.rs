@@ -9,6 +9,7 @@ use crate::api::Protocol;
 use crate::identity::{IdentityKind, IdentityTable};
 use crate::model::{Endpoint, Model};
 use crate::selector::{self, Labels};
+use moat_common::direction::{EGRESS, INGRESS};
 use moat_common::identity::ANY;
 use moat_common::{PolicyValue, action, ep_flag, ep_flags, policy_prefix};
 use std::collections::{BTreeMap, BTreeSet};
@@ -124,25 +125,66 @@ pub struct EndpointPolicy {
     pub content: RuleSetContent,
 }
 
-/// Whether `p` selects `ep` (in either direction).
-pub fn selects(p: &NormPolicy, ep: &Endpoint, ns_labels: &BTreeMap<&str, &Labels>) -> bool {
-    let empty = Labels::new();
+/// Whether `p` can select pods of namespace `ns` (the namespace half of selection).
+pub fn selects_namespace(p: &NormPolicy, ns: &str, ns_labels: &BTreeMap<&str, &Labels>) -> bool {
     match &p.subject {
-        Subject::Namespaced { namespace, pods } => {
-            *namespace == ep.namespace && selector::matches(pods, &ep.labels)
+        Subject::Namespaced { namespace, .. } => namespace == ns,
+        Subject::Cluster { namespaces, .. } => namespaces.as_ref().is_none_or(|s| {
+            let empty = Labels::new();
+            selector::matches(s, ns_labels.get(ns).copied().unwrap_or(&empty))
+        }),
+    }
+}
+
+/// Whether `p` selects a pod with `labels` of a namespace it can select.
+pub fn selects_pod(p: &NormPolicy, labels: &Labels) -> bool {
+    match &p.subject {
+        Subject::Namespaced { pods, .. } => selector::matches(pods, labels),
+        Subject::Cluster { pods, .. } => pods.as_ref().is_none_or(|s| selector::matches(s, labels)),
+    }
+}
+
+/// For each of `namespaces`, the positions in `policies` of the policies that can select its
+/// pods, in `policies` order. Selection is then a pod-selector test against this short list
+/// instead of every policy.
+pub fn by_namespace<'n>(
+    policies: &[NormPolicy],
+    namespaces: impl IntoIterator<Item = &'n str>,
+    ns_labels: &BTreeMap<&str, &Labels>,
+) -> BTreeMap<&'n str, Vec<usize>> {
+    namespaces
+        .into_iter()
+        .map(|ns| {
+            let ps = (0..policies.len())
+                .filter(|&i| selects_namespace(&policies[i], ns, ns_labels))
+                .collect();
+            (ns, ps)
+        })
+        .collect()
+}
+
+/// A policy with its rules' peers and ids resolved: once per compile, for every endpoint it
+/// selects.
+pub struct Resolved<'a> {
+    pub policy: &'a NormPolicy,
+    /// Peer identities per direction, per rule (in `policy.rules` order).
+    pub peers: [Vec<BTreeSet<u32>>; 2],
+    /// Rule ids per direction, per rule.
+    pub rule_ids: [Vec<u32>; 2],
+    /// The default-deny rule id per direction.
+    pub default_deny: [u32; 2],
+}
+
+impl<'a> Resolved<'a> {
+    pub fn new(policy: &'a NormPolicy, index: &peers::PeerIndex, ids: &RuleIds) -> Self {
+        fn per_rule<T>(p: &NormPolicy, f: impl Fn(u8, &NormRule) -> T) -> [Vec<T>; 2] {
+            [INGRESS, EGRESS].map(|dir| p.rules[dir as usize].iter().map(|r| f(dir, r)).collect())
         }
-        Subject::Cluster { namespaces, pods } => {
-            namespaces.as_ref().is_none_or(|s| {
-                selector::matches(
-                    s,
-                    ns_labels
-                        .get(ep.namespace.as_str())
-                        .copied()
-                        .unwrap_or(&empty),
-                )
-            }) && pods
-                .as_ref()
-                .is_none_or(|s| selector::matches(s, &ep.labels))
+        Resolved {
+            policy,
+            peers: per_rule(policy, |_, r| index.resolve(r.peers.as_deref(), r.deny)),
+            rule_ids: per_rule(policy, |dir, r| ids.rule(&policy.reference, dir, r.index)),
+            default_deny: [INGRESS, EGRESS].map(|dir| ids.default_deny(&policy.reference, dir)),
         }
     }
 }
@@ -175,24 +217,20 @@ struct Contribution<'a> {
 pub struct Context<'a> {
     pub model: &'a Model,
     pub ids: &'a IdentityTable,
-    pub ns_labels: &'a BTreeMap<&'a str, &'a Labels>,
-    pub rule_ids: &'a RuleIds,
     pub proxy_port: u16,
 }
 
 /// Compiles the policy of endpoint `ep` from the (accepted, ordered) policies selecting it.
-pub fn compile_endpoint(ctx: &Context, ep: &Endpoint, selecting: &[&NormPolicy]) -> EndpointPolicy {
+pub fn compile_endpoint(ctx: &Context, ep: &Endpoint, selecting: &[&Resolved]) -> EndpointPolicy {
     let mut out = EndpointPolicy::default();
     let mut contributions = Vec::new();
-    for dir in [
-        moat_common::direction::INGRESS,
-        moat_common::direction::EGRESS,
-    ] {
+    for dir in [INGRESS, EGRESS] {
         let d = dir as usize;
-        for p in selecting.iter().filter(|p| p.applies[d]) {
+        for resolved in selecting.iter().filter(|p| p.policy.applies[d]) {
+            let p = resolved.policy;
             out.flags |= ep_flag(ep_flags::POLICY, dir);
             if p.isolates[d] {
-                let rid = ctx.rule_ids.default_deny(&p.reference, dir);
+                let rid = resolved.default_deny[d];
                 if !p.audit && out.flags & ep_flag(ep_flags::ISOLATED, dir) == 0 {
                     out.flags |= ep_flag(ep_flags::ISOLATED, dir);
                     out.isolating_rule[d] = rid;
@@ -202,8 +240,9 @@ pub fn compile_endpoint(ctx: &Context, ep: &Endpoint, selecting: &[&NormPolicy])
                     out.audit_isolating_rule[d] = rid;
                 }
             }
-            for r in &p.rules[d] {
-                rule_contributions(ctx, ep, p, dir, r, &mut contributions);
+            for (i, r) in p.rules[d].iter().enumerate() {
+                let (peer_set, rule_id) = (&resolved.peers[d][i], resolved.rule_ids[d][i]);
+                rule_contributions(ctx, ep, p, (dir, rule_id), r, peer_set, &mut contributions);
             }
         }
     }
@@ -222,11 +261,11 @@ fn rule_contributions<'a>(
     ctx: &Context,
     ep: &Endpoint,
     p: &NormPolicy,
-    dir: u8,
+    (dir, rule_id): (u8, u32),
     r: &'a NormRule,
+    peer_set: &BTreeSet<u32>,
     out: &mut Vec<Contribution<'a>>,
 ) {
-    let rule_id = ctx.rule_ids.rule(&p.reference, dir, r.index);
     let class = if r.deny {
         Class::Deny
     } else if !r.http.is_empty() {
@@ -234,7 +273,6 @@ fn rule_contributions<'a>(
     } else {
         Class::Allow
     };
-    let peer_set = peers::resolve(r.peers.as_deref(), r.deny, ctx.ids, ctx.ns_labels);
     let tcp_all = [NormPort {
         protocol: Protocol::Tcp,
         port: PortSpec::All,
@@ -258,7 +296,7 @@ fn rule_contributions<'a>(
         })
     };
     let Some(ports) = ports else {
-        for &peer in &peer_set {
+        for &peer in peer_set {
             push(peer, None, None);
         }
         return;
@@ -270,7 +308,7 @@ fn rule_contributions<'a>(
             PortSpec::Range(a, b) => peer_set
                 .iter()
                 .for_each(|&peer| push(peer, proto, Some((*a, *b)))),
-            PortSpec::Named(name) if dir == moat_common::direction::INGRESS => {
+            PortSpec::Named(name) if dir == INGRESS => {
                 // Rule 5: an ingress named port is the selected pod's own container port.
                 if let Some(n) = ep.named_port(name, port.protocol) {
                     peer_set
@@ -331,68 +369,72 @@ impl Contribution<'_> {
         }
     }
 
-    fn keys(&self) -> Vec<PortKey> {
+    /// Hands each policy key of the contribution to `f`.
+    fn keys(&self, mut f: impl FnMut(PortKey)) {
+        let key = |protocol: u8, port: u16, bits: u8| PortKey {
+            protocol: Some(protocol),
+            port,
+            bits,
+        };
         match (self.protocol, self.range) {
-            (None, _) => vec![PortKey::ANY],
+            (None, _) => f(PortKey::ANY),
             // ICMP is looked up with port 0 under the packet's own protocol number: one
             // protocol-wide key each for ICMP and ICMPv6.
-            (Some(Protocol::Icmp), _) => [ICMP, ICMPV6]
-                .into_iter()
-                .map(|n| PortKey {
-                    protocol: Some(n),
-                    port: 0,
-                    bits: 0,
-                })
-                .collect(),
-            (Some(p), None) => vec![PortKey {
-                protocol: Some(p.number()),
-                port: 0,
-                bits: 0,
-            }],
-            (Some(p), Some((a, b))) => ports::cover(a, b)
-                .into_iter()
-                .map(|(port, bits)| PortKey {
-                    protocol: Some(p.number()),
-                    port,
-                    bits,
-                })
-                .collect(),
+            (Some(Protocol::Icmp), _) => {
+                f(key(ICMP, 0, 0));
+                f(key(ICMPV6, 0, 0));
+            }
+            (Some(p), None) => f(key(p.number(), 0, 0)),
+            // The common single port, without building a cover.
+            (Some(p), Some((a, b))) if a == b => f(key(p.number(), a, 16)),
+            (Some(p), Some((a, b))) => {
+                for (port, bits) in ports::cover(a, b) {
+                    f(key(p.number(), port, bits));
+                }
+            }
         }
     }
 }
 
 /// Turns contributions into keys, each folding in every broader key of the same direction and
 /// peer: the datapath reads only the exact hash on a hit and only the longest prefix otherwise,
-/// so longest-prefix-wins must already be deny-wins.
+/// so longest-prefix-wins must already be deny-wins. Values merge in any order
+/// ([`PolicyValueOrd::merge`]), so sorting keys and merging neighbours gives the same result as
+/// folding contribution by contribution, without a map per (direction, peer).
 fn fold(contributions: &[Contribution], proxy_port: u16) -> BTreeMap<EntryKey, PolicyValueOrd> {
-    let mut raw: BTreeMap<(u8, u32), BTreeMap<PortKey, PolicyValueOrd>> = BTreeMap::new();
+    let mut raw: Vec<(EntryKey, PolicyValueOrd)> = Vec::with_capacity(contributions.len());
     for c in contributions {
         let v = c.value(proxy_port);
-        let group = raw.entry((c.direction, c.peer)).or_default();
-        for k in c.keys() {
-            group.entry(k).and_modify(|e| e.merge(&v)).or_insert(v);
-        }
+        c.keys(|port| {
+            let key = EntryKey {
+                direction: c.direction,
+                peer: c.peer,
+                port,
+            };
+            raw.push((key, v))
+        });
     }
-    let mut out = BTreeMap::new();
-    for ((direction, peer), group) in raw {
-        for (k, v) in &group {
+    raw.sort_unstable_by_key(|&(k, _)| k);
+    raw.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1.merge(&later.1);
+        }
+        same
+    });
+    let mut out = Vec::with_capacity(raw.len());
+    for group in raw.chunk_by(|a, b| (a.0.direction, a.0.peer) == (b.0.direction, b.0.peer)) {
+        for (k, v) in group {
             let mut folded = *v;
-            for (broader, bv) in &group {
-                if broader != k && broader.covers(k) {
+            for (broader, bv) in group {
+                if broader.port != k.port && broader.port.covers(&k.port) {
                     folded.merge(bv);
                 }
             }
-            out.insert(
-                EntryKey {
-                    direction,
-                    peer,
-                    port: *k,
-                },
-                folded,
-            );
+            out.push((*k, folded));
         }
     }
-    out
+    out.into_iter().collect()
 }
 
 /// L7 rules of the endpoint (Enforce policies only: the audit view never redirects). Each HTTP

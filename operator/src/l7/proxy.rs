@@ -356,6 +356,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, token: Cancell
         client_wr: wr,
         upstream: None,
         cached: None,
+        head_out: Vec::new(),
     };
     conn.run(token).await;
 }
@@ -500,6 +501,8 @@ struct Conn {
     upstream: Option<Upstream>,
     /// Rules resolved for this flow under the policy they came from.
     cached: Option<(Arc<L7Policy>, Arc<FlowRules>)>,
+    /// The request head as forwarded, reused from request to request.
+    head_out: Vec<u8>,
 }
 
 async fn write_with_timeout<W: AsyncWrite + Unpin>(
@@ -935,6 +938,7 @@ impl Conn {
                 client_rd,
                 client_wr,
                 upstream,
+                head_out,
                 ..
             } = self;
             let Some(Upstream {
@@ -944,7 +948,9 @@ impl Conn {
             else {
                 return Step::Close;
             };
-            if write_with_timeout(up_wr, &head.serialize(), cfg.body_timeout)
+            head_out.clear();
+            head.serialize_into(head_out);
+            if write_with_timeout(up_wr, head_out, cfg.body_timeout)
                 .await
                 .is_err()
             {
