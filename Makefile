@@ -74,7 +74,14 @@ bench-compiler: toolchain
 	$(CARGO) run $(PROFILE) -p moat --example bench-compiler
 
 # Root, ~15 min: iperf3/wrk/nginx through a lab node with no filter, moat, iptables and
-# nftables (interleaved runs; MOAT_BENCH_RUNS, MOAT_BENCH_SECONDS, MOAT_BENCH_CONFIGS shorten it).
+# nftables (interleaved runs; MOAT_BENCH_RUNS, _SECONDS, _CONFIGS, _METRICS shorten it).
 .PHONY: bench-throughput
 bench-throughput: toolchain debs
 	$(CARGO) run $(PROFILE) -p moat-datapath --example bench-throughput
+
+# Root, ~5 min: HTTP through a lab node with wrk and a paced client, direct vs moat's L7 proxy
+# vs nginx as reverse proxy (configs in bench/l7/). Needs the agent binary (build first),
+# wrk and nginx (debs).
+.PHONY: bench-l7
+bench-l7: debs build
+	$(CARGO) run $(PROFILE) -p moat --example bench-l7
