@@ -73,6 +73,7 @@ fn check_stop() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The paths measured (the module docs say what each is).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Setup {
     Direct,
@@ -80,7 +81,7 @@ enum Setup {
     Moat,
 }
 
-const PATHS: [Setup; 3] = [Setup::Direct, Setup::Nginx, Setup::Moat];
+const SETUPS: [Setup; 3] = [Setup::Direct, Setup::Nginx, Setup::Moat];
 
 impl Setup {
     fn name(self) -> &'static str {
@@ -92,7 +93,7 @@ impl Setup {
     }
 
     fn index(self) -> usize {
-        PATHS.iter().position(|p| *p == self).expect("listed")
+        SETUPS.iter().position(|p| *p == self).expect("listed")
     }
 }
 
@@ -454,9 +455,9 @@ fn paced(ns: &str, to: SocketAddr, rate: f64) -> anyhow::Result<Paced> {
                 anyhow::Ok(out)
             })
         });
-        // Sleeps end up to the thread's timer slack (50 us by default) late: 1 us keeps the
-        // schedule within a few microseconds.
-        let _ = nix::sys::prctl::set_timerslack(1_000);
+        // A sleep ends up to the timer slack (50 us) late; requests due meanwhile go out
+        // together on waking, so the sender wakes at most every 50 us whatever the rate
+        // (its lateness is in the latencies and reported as send lag).
         let mut lag = Vec::with_capacity(total - first);
         let mut sent = 0u64;
         let mut send_error = None;
@@ -607,7 +608,7 @@ fn main() -> anyhow::Result<()> {
     // Every path answers the benchmark's request with the server's body; moat's proxy denies
     // another path with its 403 and counts both; each path is warmed up.
     let mut policy = None;
-    for p in PATHS {
+    for p in SETUPS {
         select(&mut lab, &mut policy, p)?;
         let (allowed, denied) = (l7_requests(&lab, "allowed")?, l7_requests(&lab, "denied")?);
         let (status, body) = one_request(&net.client_ns, net.target(p), PATH)?;
@@ -636,7 +637,7 @@ fn main() -> anyhow::Result<()> {
     let mut rps = [[0f64; ROUNDS]; 3];
     for round in 0..ROUNDS {
         for j in 0..3 {
-            let p = PATHS[(round + j) % 3];
+            let p = SETUPS[(round + j) % 3];
             select(&mut lab, &mut policy, p)?;
             let before = l7_requests(&lab, "allowed")?;
             let w = wrk(&net, p, RUN)?;
@@ -663,7 +664,7 @@ fn main() -> anyhow::Result<()> {
     let mut samples = [0usize; 3];
     for round in 0..ROUNDS {
         for j in 0..3 {
-            let p = PATHS[(round + j) % 3];
+            let p = SETUPS[(round + j) % 3];
             select(&mut lab, &mut policy, p)?;
             let before = l7_requests(&lab, "allowed")?;
             let mut r = paced(&net.client_ns, net.target(p), rate)?;
@@ -710,7 +711,7 @@ fn main() -> anyhow::Result<()> {
                "runs": v.len(), "params": params})
     };
     let mut results = Vec::new();
-    for p in PATHS {
+    for p in SETUPS {
         let i = p.index();
         let path = match p {
             Setup::Direct => "client pod -> server pod, no policy",
@@ -808,7 +809,7 @@ fn main() -> anyhow::Result<()> {
         "p50 ms",
         format!("p99 ms @{rate:.0}")
     );
-    for p in PATHS {
+    for p in SETUPS {
         let i = p.index();
         let lo = rps[i].iter().copied().fold(f64::MAX, f64::min);
         let hi = rps[i].iter().copied().fold(0.0, f64::max);

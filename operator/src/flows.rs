@@ -391,21 +391,23 @@ impl FlowFilter {
     }
 }
 
-/// One remembered flow.
+/// One remembered flow (cheap to clone, so readers copy the history out of the lock).
+#[derive(Clone)]
 enum Entry {
     Built(Arc<Flow>),
-    /// An L7 verdict with the names in force when it was made, turned into a flow only when
-    /// read: the proxy reports one per request, tens of thousands a second under load, and
-    /// building each at once (labels, names, strings, then freeing the oldest) cost a fifth
-    /// of the agent's CPU per proxied request (`make bench-l7`).
-    L7(crate::l7::L7Event, Arc<FlowContext>),
+    /// An L7 verdict with the names in force when it was made, turned into a flow when read
+    /// or when those names are replaced (so the history holds on to one context, whatever
+    /// the rate of changes): the proxy reports one verdict per request, tens of thousands a
+    /// second under load, and building each at once (labels, names, strings, then freeing
+    /// the oldest) cost a fifth of the agent's CPU per proxied request (`make bench-l7`).
+    L7(Arc<(crate::l7::L7Event, Arc<FlowContext>)>),
 }
 
 impl Entry {
     fn flow(&self) -> Arc<Flow> {
         match self {
             Entry::Built(f) => f.clone(),
-            Entry::L7(ev, ctx) => Arc::new(ctx.l7_flow(ev)),
+            Entry::L7(l7) => Arc::new(l7.1.l7_flow(&l7.0)),
         }
     }
 }
@@ -451,13 +453,32 @@ impl FlowHub {
         if self.live.receiver_count() > 0 {
             self.push(ctx.l7_flow(&ev));
         } else {
-            self.remember(Entry::L7(ev, ctx.clone()));
+            self.remember(Entry::L7(Arc::new((ev, ctx.clone()))));
         }
     }
 
-    /// The last `n` flows matching `filter`, oldest first.
+    /// Builds the L7 flows recorded under `old`, the context just replaced.
+    fn build_l7(&self, old: &Arc<FlowContext>) {
+        let mut h = self.history.lock().expect("flow history lock");
+        for e in h.iter_mut() {
+            if let Entry::L7(l7) = e
+                && Arc::ptr_eq(&l7.1, old)
+            {
+                *e = Entry::Built(Arc::new(l7.1.l7_flow(&l7.0)));
+            }
+        }
+    }
+
+    /// The last `n` flows matching `filter`, oldest first. L7 flows are built outside the
+    /// lock, so a reader never holds up the feeds.
     pub fn last(&self, filter: &FlowFilter, n: usize) -> Vec<Arc<Flow>> {
-        let h = self.history.lock().expect("flow history lock");
+        let h: Vec<Entry> = self
+            .history
+            .lock()
+            .expect("flow history lock")
+            .iter()
+            .cloned()
+            .collect();
         let mut out: Vec<_> = h
             .iter()
             .rev()
@@ -481,12 +502,18 @@ impl FlowHub {
     ) {
         const BATCH: usize = 1024;
         let mut batch = Vec::with_capacity(BATCH);
+        let mut current: Option<Arc<FlowContext>> = None;
         loop {
             let n = events.recv_many(&mut batch, BATCH).await;
             if n == 0 {
                 break;
             }
             let c = ctx.borrow().clone();
+            if let Some(old) = current.replace(c.clone())
+                && !Arc::ptr_eq(&old, &c)
+            {
+                self.build_l7(&old);
+            }
             for ev in batch.drain(..) {
                 self.push_l7(ev, &c);
             }
@@ -509,5 +536,40 @@ impl FlowHub {
             let flow = ctx.borrow().flow(&ev);
             self.push(flow);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l7_event(path: &str) -> crate::l7::L7Event {
+        crate::l7::L7Event {
+            time: std::time::SystemTime::now(),
+            src: "10.0.0.1:40000".parse().unwrap(),
+            dst: "10.0.0.2:80".parse().unwrap(),
+            method: "GET".into(),
+            path: path.into(),
+            status: 200,
+            verdict: crate::l7::L7Verdict::Allowed,
+            rule_id: None,
+            direction: None,
+        }
+    }
+
+    #[test]
+    fn l7_flows_are_built_when_read_and_keep_no_old_context() {
+        let hub = FlowHub::default();
+        let old = Arc::new(FlowContext::default());
+        hub.push_l7(l7_event("/a"), &old);
+        let read = hub.last(&FlowFilter::default(), 10);
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].http.as_ref().map(|h| h.path.as_str()), Some("/a"));
+        assert_eq!(Arc::strong_count(&old), 2, "the history holds the context");
+        hub.build_l7(&old);
+        assert_eq!(Arc::strong_count(&old), 1, "built: the context is let go");
+        let again = hub.last(&FlowFilter::default(), 10);
+        assert_eq!(again.len(), 1);
+        assert_eq!(*again[0], *read[0]);
     }
 }

@@ -172,13 +172,18 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
 
     // Most packets belong to a tracked flow, and one admitted under the current revision
     // needs nothing but its conntrack entry: the endpoint entry is read only when a flow is
-    // decided (or a drop reported), which keeps a hash lookup off the common path.
+    // decided (or a drop reported), which keeps a hash lookup off the common path. A SYN
+    // looks its entry up only once policy has allowed it (see below).
+    // SAFETY (every dereference of `tracked`): an LRU value pointer, valid for this run;
+    // writes race only with other CPUs handling the same flow.
+    let tracked = if syn {
+        None
+    } else {
+        CONNTRACK.get_ptr_mut(key)
+    };
     if !pkt.icmp_error
-        && !syn
-        && let Some(e) = CONNTRACK.get_ptr_mut(key)
+        && let Some(e) = tracked
     {
-        // SAFETY: LRU value pointer valid for this run; races with other CPUs only touch
-        // timestamps and flags of the same flow.
         let e = unsafe { &mut *e };
         if e.expires_ns > now {
             return established(&mut c, &pkt, e, revision, now, proxied);
@@ -190,8 +195,7 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
     };
     let enforced = ep.flags & ep_flag(ep_flags::POLICY, dir) != 0;
     if pkt.icmp_error {
-        // SAFETY: plain data, copied out at once.
-        return match unsafe { CONNTRACK.get(key) } {
+        return match tracked.map(|e| unsafe { *e }) {
             Some(e) if e.expires_ns > now && e.flags & ct_flags::DENIED == 0 => {
                 c.finish(&pkt, 0, verdict::FORWARDED, reason::RELATED, 0, None)
             }
@@ -268,7 +272,21 @@ fn endpoint_hook(tc: &TcContext, dir: u8) -> i32 {
         },
         _pad: 0,
     };
-    let _ = CONNTRACK.insert(key, entry, 0);
+    // A flow reusing the ports of one still in the table (closed, or expired but not yet
+    // evicted: the usual case for short connections between the same pods) takes its entry
+    // over in place, sparing the LRU map an allocation, a free and, once the map is full,
+    // an eviction.
+    let tracked = if syn {
+        CONNTRACK.get_ptr_mut(key)
+    } else {
+        tracked
+    };
+    match tracked {
+        Some(e) => unsafe { *e = entry },
+        None => {
+            let _ = CONNTRACK.insert(key, entry, 0);
+        }
+    }
     if rule_verdict == verdict::AUDIT {
         count_rule_if(&c, d.rule_id, verdict::FORWARDED);
         return TC_ACT_OK;

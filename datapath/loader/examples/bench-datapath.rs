@@ -291,15 +291,20 @@ fn main() {
             &params,
         );
         dp.apply(&[MapOp::PolicyRemove(range)]).unwrap();
-        // Open the flow once, then time its established packets.
-        dp.test_run(
-            Hook::ToEndpoint,
-            &tcp_packet(FRIEND, 80, 0x02),
-            IFINDEX,
-            0,
-            1,
-        )
-        .unwrap();
+        // An allowed SYN: a new flow written to conntrack. Repeated, it reuses the ports of
+        // the flow before it (as short connections between two pods do).
+        record(
+            "tc_new_flow_port_reuse",
+            measure(
+                &mut dp,
+                &mut events,
+                Hook::ToEndpoint,
+                &tcp_packet(FRIEND, 80, 0x02),
+                Some((verdict::FORWARDED, reason::POLICY)),
+            ),
+            &params,
+        );
+        // The flow is open: time its established packets.
         record(
             "tc_established",
             measure(

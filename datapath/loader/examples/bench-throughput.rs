@@ -17,10 +17,13 @@
 //! connection to a port no rule allows must be dropped.
 //!
 //! Writes `$CARGO_TARGET_DIR/bench/throughput.json` (../shared/notes/benchmarks.md). Run as
-//! root. `MOAT_BENCH_RUNS` (default 3), `MOAT_BENCH_SECONDS` (default 10) and
-//! `MOAT_BENCH_CONFIGS` (comma-separated names, default all) shorten it for development.
-//! Nothing is pinned: the scheduler places the tools and the kernel's softirq work, the same
-//! way for every configuration.
+//! root. `MOAT_BENCH_RUNS` (default 3), `MOAT_BENCH_SECONDS` (default 10),
+//! `MOAT_BENCH_CONFIGS` and `MOAT_BENCH_METRICS` (comma-separated names, default all) shorten
+//! it for development.
+//! Placement is fixed, the same for every configuration: the clients (iperf3 -c, wrk) on CPU 0,
+//! the servers (iperf3 -s, one nginx worker) on CPU 1; the kernel forwards each packet in the
+//! softirq of the CPU that sent it. Unpinned, the scheduler's placement alone moved single
+//! runs by a factor of two on this 2-core VM.
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -994,6 +997,9 @@ fn iperf(lab: &Lab, active: &mut Active, secs: u32, udp: bool) -> Outcome {
         "-O",
         "1",
         "-J",
+        // Client on CPU 0, server on CPU 1 (see the module doc).
+        "-A",
+        "0,1",
     ];
     if udp {
         args.extend_from_slice(&["-u", "-l", &payload, "-b", "0"]);
@@ -1034,7 +1040,8 @@ fn iperf(lab: &Lab, active: &mut Active, secs: u32, udp: bool) -> Outcome {
 fn wrk(lab: &Lab, active: &mut Active, secs: u32, close: bool) -> Outcome {
     let dur = format!("{secs}s");
     let url = format!("http://{SERVER}:{HTTP_PORT}/index.html");
-    let mut args = vec!["wrk", "-t1", "-c16", "-d", &dur];
+    // On CPU 0, nginx's worker on CPU 1 (see the module doc).
+    let mut args = vec!["taskset", "-c", "0", "wrk", "-t1", "-c16", "-d", &dur];
     if close {
         args.extend_from_slice(&["-H", "Connection: close"]);
     }
@@ -1137,6 +1144,19 @@ fn env_u32(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// The items named in env var `var` (comma-separated), or all of them.
+fn selected<'a, T>(var: &str, all: &'a [T], name: impl Fn(&T) -> &'static str) -> Vec<&'a T> {
+    let picked: Vec<&T> = match std::env::var(var) {
+        Ok(names) => all
+            .iter()
+            .filter(|t| names.split(',').any(|n| n.trim() == name(t)))
+            .collect(),
+        Err(_) => all.iter().collect(),
+    };
+    assert!(!picked.is_empty(), "{var} names nothing known");
+    picked
+}
+
 fn params(filter: Filter) -> Value {
     match filter {
         Filter::None => json!({"filter": "none"}),
@@ -1161,21 +1181,11 @@ fn main() {
     );
     let runs = env_u32("MOAT_BENCH_RUNS", 3).max(1) as usize;
     let secs = env_u32("MOAT_BENCH_SECONDS", 10).max(1);
-    let wanted: Option<Vec<String>> = std::env::var("MOAT_BENCH_CONFIGS")
-        .ok()
-        .map(|s| s.split(',').map(|n| n.trim().to_owned()).collect());
-    let configs: Vec<&Config> = CONFIGS
-        .iter()
-        .filter(|c| {
-            wanted
-                .as_ref()
-                .is_none_or(|w| w.iter().any(|n| n == c.name))
-        })
+    let configs = selected("MOAT_BENCH_CONFIGS", &CONFIGS, |c| c.name);
+    let metrics: Vec<Metric> = selected("MOAT_BENCH_METRICS", &METRICS, |m| m.name())
+        .into_iter()
+        .copied()
         .collect();
-    assert!(
-        !configs.is_empty(),
-        "MOAT_BENCH_CONFIGS names no configuration"
-    );
 
     let load_before = loadavg();
     let started = Instant::now();
@@ -1185,12 +1195,12 @@ fn main() {
     // Configurations alternate within each metric of each run, so that every ratio compares
     // figures taken about a minute apart on this shared, noisy machine.
     for run in 0..runs {
-        for metric in METRICS {
+        for &metric in &metrics {
             for cfg in &configs {
                 check_interrupted();
                 let mut active = Active::setup(&lab, cfg.filter);
                 active.check_rules(&lab);
-                if run == 0 && metric == METRICS[0] {
+                if run == 0 && metric == metrics[0] {
                     active.check_denied(&lab);
                 }
                 let before = active.before(&lab);
@@ -1228,7 +1238,7 @@ fn main() {
     };
     let mut results = Vec::new();
     for cfg in &configs {
-        for m in METRICS {
+        for &m in &metrics {
             let v = &figures[cfg.name][&m];
             let (lo, hi) = min_max(v);
             results.push(json!({"name": format!("{}/{}", cfg.name, m.name()),
@@ -1241,7 +1251,7 @@ fn main() {
             if cfg.name == base {
                 continue;
             }
-            for m in METRICS {
+            for &m in &metrics {
                 let Some(r) = ratio(cfg.name, base, m) else {
                     continue;
                 };
@@ -1256,7 +1266,7 @@ fn main() {
     }
     let target = |name: &str, base: &str| -> Option<Value> {
         let mut worst: Option<(f64, Metric)> = None;
-        for m in METRICS {
+        for &m in &metrics {
             let r = median(&ratio("moat-10k", base, m)?);
             if worst.is_none_or(|(w, _)| r < w) {
                 worst = Some((r, m));
@@ -1266,8 +1276,9 @@ fn main() {
         Some(
             json!({"name": name, "value": value, "op": ">=", "limit": 0.95,
             "met": value >= 0.95,
-            "from": format!("smallest over the four metrics of median over runs of \
-                moat-10k / {base} (measured in the same run); smallest: {}", m.name())}),
+            "from": format!("smallest over the metrics ({}) of the median over runs of \
+                moat-10k / {base} (measured a minute apart in the same run); smallest: {}",
+                metrics.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "), m.name())}),
         )
     };
     let targets: Vec<Value> = [
@@ -1285,7 +1296,7 @@ fn main() {
     );
     for cfg in &configs {
         let mut line = format!("{:<13}", cfg.name);
-        for m in METRICS {
+        for &m in &metrics {
             let v = median(&figures[cfg.name][&m]);
             let cell = match ratio(cfg.name, "none", m) {
                 Some(r) if cfg.name != "none" => {
@@ -1326,7 +1337,8 @@ fn main() {
             (Gbit/s received), iperf3 UDP -l 64 -b 0 (datagrams/s received), wrk -t1 -c16 \
             against nginx serving an 11-byte file with keep-alive and with Connection: close \
             (requests/s), all at saturation; value = median over runs; ratios are per-run \
-            ratios against the same run's baseline, median over runs. Tools unpinned. moat: \
+            ratios against the same run's baseline, median over runs. Clients on CPU 0 \
+            (iperf3 -A 0,1, wrk under taskset -c 0), servers on CPU 1 (one nginx worker). moat: \
             server ingress and client egress enforced, each flow allowed by one exact rule \
             among N other entries of the same rule set (one any-peer, every tenth a port \
             range), 100,000 ipcache prefixes, events and per-rule counters on. Each run \

@@ -300,6 +300,39 @@ fn revision_recheck_revokes_open_flows() {
 }
 
 #[test]
+fn a_syn_reusing_a_tracked_flows_ports_opens_a_new_flow() {
+    let (_root, mut dp) = setup("reuse", &[INGRESS]);
+    allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 7);
+    bump(&mut dp);
+    let data_in = packet(v4(PEER), v4(ME), tcp(ACK, 40000, 80));
+    let data_out = packet(v4(ME), v4(PEER), tcp(ACK, 80, 40000));
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
+    // Revoked: the entry is marked denied, both ways.
+    dp.apply(&[MapOp::PolicyRemove(pkey(
+        RULESET,
+        PEER_IDENTITY,
+        INGRESS,
+        TCP,
+        80,
+        16,
+    ))])
+    .unwrap();
+    bump(&mut dp);
+    assert_eq!(run(&dp, Hook::ToEndpoint, &data_in), SHOT);
+    assert_eq!(run(&dp, Hook::FromEndpoint, &data_out), SHOT);
+    // A SYN on the same ports under a policy that denies it leaves the entry as it was ...
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), SHOT);
+    assert_eq!(run(&dp, Hook::FromEndpoint, &data_out), SHOT);
+    // ... and one that is allowed again takes it over whole: rule, revision, no denial.
+    allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 8);
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
+    assert_eq!(run(&dp, Hook::FromEndpoint, &data_out), OK);
+    assert_eq!(run(&dp, Hook::ToEndpoint, &data_in), OK);
+    assert_eq!(rule_count(&dp, 8, verdict::FORWARDED).packets, 3);
+    assert_eq!(dp.conntrack().unwrap().len(), 1);
+}
+
+#[test]
 fn both_ends_decide() {
     // Endpoint A (id 10) may send to B; endpoint B (id 20, same test interface) refuses A.
     let (_root, mut dp) = setup("bothends", &[INGRESS, EGRESS]);

@@ -13,7 +13,7 @@ pub mod ports;
 pub mod subject;
 
 use crate::api::{HeaderMatch, HttpRule, PolicyStatus};
-use crate::identity::{self, Allocations, Exhausted};
+use crate::identity::{self, Allocations, Exhausted, NumberPool};
 use crate::model::{Model, Phase, PolicyKind, PolicyRef};
 use crate::selector::Labels;
 use ipnet::IpNet;
@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use moat_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, capacity, direction};
 use normalize::NormPolicy;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use subject::{EndpointPolicy, Resolved, RuleSetContent};
 
 /// Settings of the node that are not part of the cluster model.
@@ -203,10 +203,10 @@ pub struct Overflow {
     pub capacity: u32,
 }
 
-/// Rule ids by (policy, direction, rule).
-#[derive(Clone, Debug, Default)]
-pub struct RuleIds {
-    ids: BTreeMap<String, u32>,
+/// Rule ids by (policy, direction, rule), read from the compile's rule-id pool.
+#[derive(Clone, Copy, Debug)]
+pub struct RuleIds<'a> {
+    pool: &'a NumberPool,
 }
 
 fn dir_name(dir: u8) -> &'static str {
@@ -226,18 +226,15 @@ fn rule_key(p: &PolicyRef, dir: &str, rule: &str) -> String {
     )
 }
 
-impl RuleIds {
+impl RuleIds<'_> {
     pub fn rule(&self, p: &PolicyRef, dir: u8, index: usize) -> u32 {
-        self.ids
-            .get(&rule_key(p, dir_name(dir), &index.to_string()))
-            .copied()
-            .unwrap_or(0)
+        self.get(&rule_key(p, dir_name(dir), &index.to_string()))
     }
     pub fn default_deny(&self, p: &PolicyRef, dir: u8) -> u32 {
-        self.ids
-            .get(&rule_key(p, dir_name(dir), "default-deny"))
-            .copied()
-            .unwrap_or(0)
+        self.get(&rule_key(p, dir_name(dir), "default-deny"))
+    }
+    fn get(&self, key: &str) -> u32 {
+        self.pool.get(key).unwrap_or(0)
     }
 }
 
@@ -275,19 +272,26 @@ pub fn compile(
         match build(model, alloc, cfg, &accepted)? {
             Ok((mut state, alloc)) => {
                 let ns_labels = peers::namespace_labels(model);
-                let mut pods: BTreeMap<&str, Vec<&Labels>> = BTreeMap::new();
+                // Pods with equal labels in a namespace are selected alike: each label set is
+                // tried once, against the policies that can select pods of its namespace.
+                let mut pods: BTreeMap<&str, HashMap<&Labels, usize>> = BTreeMap::new();
                 for e in &model.endpoints {
                     if e.phase == Phase::Running && !e.host_network {
-                        pods.entry(&e.namespace).or_default().push(&e.labels);
+                        *pods
+                            .entry(&e.namespace)
+                            .or_default()
+                            .entry(&e.labels)
+                            .or_default() += 1;
                     }
                 }
-                // Per namespace, only the policies that can select its pods are tried.
                 let mut selected = vec![0; accepted.len()];
                 let candidates = subject::by_namespace(&accepted, pods.keys().copied(), &ns_labels);
                 for (ns, ps) in candidates {
-                    for labels in &pods[ns] {
+                    for (labels, &n) in &pods[ns] {
                         for &i in &ps {
-                            selected[i] += usize::from(subject::selects_pod(&accepted[i], labels));
+                            if subject::selects_pod(&accepted[i], labels) {
+                                selected[i] += n;
+                            }
                         }
                     }
                 }
@@ -343,8 +347,6 @@ fn build(
     cfg: &CompileConfig,
     policies: &[NormPolicy],
 ) -> Result<Built, CompileError> {
-    let mut next = alloc.clone();
-
     // Rule ids.
     let mut rule_info: BTreeMap<String, RuleInfo> = BTreeMap::new();
     for p in policies {
@@ -372,7 +374,7 @@ fn build(
             add("prefilter", i.to_string());
         }
     }
-    next.rules = match alloc.rules.assign(rule_info.keys()) {
+    let rules_pool = match alloc.rules.assign(rule_info.keys()) {
         Ok(p) => p,
         Err(_) => {
             return Ok(Err(Overflow {
@@ -382,12 +384,10 @@ fn build(
             }));
         }
     };
-    let rule_ids = RuleIds {
-        ids: next.rules.assigned.clone(),
-    };
+    let rule_ids = RuleIds { pool: &rules_pool };
     let rules: BTreeMap<u32, RuleInfo> = rule_info
         .into_iter()
-        .map(|(k, v)| (next.rules.get(&k).expect("assigned above"), v))
+        .map(|(k, v)| (rules_pool.get(&k).expect("assigned above"), v))
         .collect();
 
     // Identities: CIDRs of every rule and egress named ports cut identities (rules 4, 5).
@@ -413,8 +413,6 @@ fn build(
         }
     }
     let (ids, id_pool, cidr_pool) = identity::assign(model, &cidrs, &port_names, alloc)?;
-    next.identities = id_pool;
-    next.cidr_identities = cidr_pool;
 
     // Local endpoints.
     let mut local: Vec<usize> = (0..model.endpoints.len())
@@ -428,7 +426,7 @@ fn build(
         .collect();
     local.sort_by_cached_key(|&i| model.endpoints[i].key());
     let ep_keys: Vec<String> = local.iter().map(|&i| model.endpoints[i].key()).collect();
-    next.endpoints = alloc.endpoints.assign(ep_keys.iter())?;
+    let ep_pool = alloc.endpoints.assign(ep_keys.iter())?;
 
     let ns_labels = peers::namespace_labels(model);
     let ctx = subject::Context {
@@ -501,7 +499,7 @@ fn build(
         });
         ruleset_of.push(Some(k));
     }
-    next.rulesets = alloc.rulesets.assign(keys.iter())?;
+    let ruleset_pool = alloc.rulesets.assign(keys.iter())?;
 
     let mut state = DesiredState {
         rules,
@@ -527,7 +525,7 @@ fn build(
     }
     for (((i, c), key), ruleset) in compiled.iter().zip(&ep_keys).zip(&ruleset_of) {
         let ep = &model.endpoints[*i];
-        let endpoint_id = next.endpoints.get(key).expect("assigned above");
+        let endpoint_id = ep_pool.get(key).expect("assigned above");
         for a in &ep.addresses {
             if let Some(v) = maps.ipcache.get_mut(&IpNet::from(*a))
                 && ids.by_address.get(a).is_some_and(|id| {
@@ -540,7 +538,7 @@ fn build(
             }
         }
         let ruleset_id = ruleset
-            .and_then(|k| next.rulesets.get(&keys[k]))
+            .and_then(|k| ruleset_pool.get(&keys[k]))
             .unwrap_or(0);
         let identity = ep
             .addresses
@@ -568,7 +566,7 @@ fn build(
     let entries = contents.keys().map(|c| c.entries.len()).sum();
     let (mut exact, mut prefixes) = (Vec::with_capacity(entries), Vec::new());
     for (content, &k) in &contents {
-        let subject = next.rulesets.get(&keys[k]).expect("assigned above");
+        let subject = ruleset_pool.get(&keys[k]).expect("assigned above");
         for (k, v) in &content.entries {
             let len = k.port.prefix_len();
             let pk = PolicyKey {
@@ -603,11 +601,7 @@ fn build(
     maps.prefixes = prefixes.into_iter().collect();
     for p in policies {
         for (i, net) in p.prefilter.iter().enumerate() {
-            let id = rule_ids
-                .ids
-                .get(&rule_key(&p.reference, "prefilter", &i.to_string()))
-                .copied()
-                .unwrap_or(0);
+            let id = rule_ids.get(&rule_key(&p.reference, "prefilter", &i.to_string()));
             maps.prefilter.entry(*net).or_insert(id);
         }
     }
@@ -615,6 +609,13 @@ fn build(
     if let Some(o) = over_capacity(maps) {
         return Ok(Err(o));
     }
+    let next = Allocations {
+        identities: id_pool,
+        cidr_identities: cidr_pool,
+        endpoints: ep_pool,
+        rulesets: ruleset_pool,
+        rules: rules_pool,
+    };
     Ok(Ok((state, next)))
 }
 

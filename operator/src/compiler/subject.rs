@@ -176,7 +176,7 @@ pub struct Resolved<'a> {
 }
 
 impl<'a> Resolved<'a> {
-    pub fn new(policy: &'a NormPolicy, index: &peers::PeerIndex, ids: &RuleIds) -> Self {
+    pub fn new(policy: &'a NormPolicy, index: &peers::PeerIndex, ids: &RuleIds<'_>) -> Self {
         fn per_rule<T>(p: &NormPolicy, f: impl Fn(u8, &NormRule) -> T) -> [Vec<T>; 2] {
             [INGRESS, EGRESS].map(|dir| p.rules[dir as usize].iter().map(|r| f(dir, r)).collect())
         }

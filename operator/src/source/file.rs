@@ -252,8 +252,17 @@ impl FileSource {
     /// is gone.
     pub async fn watch(mut self, tx: watch::Sender<Arc<SourceState>>) -> notify::Result<()> {
         use notify::Watcher as _;
+        use notify::event::{AccessKind, AccessMode, EventKind};
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Opening or reading a file is an event too (inotify IN_OPEN), and every load
+            // opens every file: counting those made each load schedule the next, a reload
+            // every SETTLE for ever. A close after writing still counts.
+            if let Ok(e) = &ev
+                && matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write))
+            {
+                return;
+            }
             let _ = ev_tx.send(ev.is_ok());
         })?;
         watcher.watch(&self.dir, notify::RecursiveMode::NonRecursive)?;
