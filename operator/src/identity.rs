@@ -66,25 +66,55 @@ impl NumberPool {
                 released.insert(n);
             }
         }
-        let mut used: BTreeSet<u32> = assigned.values().copied().collect();
-        used.extend(released.iter().copied());
-        let mut cursor = self.first;
-        for k in live {
-            if assigned.contains_key(k) {
-                continue;
+        let new: Vec<&String> = live
+            .into_iter()
+            .filter(|k| !assigned.contains_key(*k))
+            .collect();
+        self.numbered(assigned, released, new)
+    }
+
+    /// What [`NumberPool::assign`] makes of the live keys less `vanished` (all live) plus
+    /// `new` (none live), without going over the keys that stay: for a caller that knows
+    /// what changed.
+    pub fn update(
+        &self,
+        vanished: &BTreeSet<String>,
+        new: &BTreeSet<String>,
+    ) -> Result<NumberPool, Exhausted> {
+        let mut assigned = self.assigned.clone();
+        let mut released = BTreeSet::new();
+        for k in vanished {
+            released.extend(assigned.remove(k));
+        }
+        self.numbered(assigned, released, new.iter().collect())
+    }
+
+    /// The pool of `assigned` and `released` with `new` (in key order) given the lowest
+    /// numbers neither holds.
+    fn numbered(
+        &self,
+        mut assigned: BTreeMap<String, u32>,
+        released: BTreeSet<u32>,
+        new: Vec<&String>,
+    ) -> Result<NumberPool, Exhausted> {
+        if !new.is_empty() {
+            let mut used: BTreeSet<u32> = assigned.values().copied().collect();
+            used.extend(released.iter().copied());
+            let mut cursor = self.first;
+            for k in new {
+                while used.contains(&cursor) {
+                    cursor += 1;
+                }
+                if cursor >= self.end {
+                    return Err(Exhausted {
+                        first: self.first,
+                        end: self.end,
+                        key: k.clone(),
+                    });
+                }
+                assigned.insert(k.clone(), cursor);
+                used.insert(cursor);
             }
-            while used.contains(&cursor) {
-                cursor += 1;
-            }
-            if cursor >= self.end {
-                return Err(Exhausted {
-                    first: self.first,
-                    end: self.end,
-                    key: k.clone(),
-                });
-            }
-            assigned.insert(k.clone(), cursor);
-            used.insert(cursor);
         }
         Ok(NumberPool {
             first: self.first,
@@ -203,7 +233,6 @@ pub fn assign(
 
     // Group addresses by label key, with the discriminator each would need. Pods with equal
     // labels in one namespace share their key, which is made once per such group.
-    type Sig = (Vec<IpNet>, Vec<Option<u16>>);
     type Members = Vec<(IpAddr, Owner, Sig)>;
     let mut groups: Vec<(String, Members)> = vec![
         ("reserved:host".into(), Vec::new()),
@@ -214,7 +243,7 @@ pub fn assign(
             .get(ep.namespace.as_str())
             .copied()
             .unwrap_or(&empty);
-        serde_json::json!({"ns": ep.namespace, "nsLabels": nsl, "labels": ep.labels}).to_string()
+        label_key(&ep.namespace, nsl, &ep.labels)
     };
     let mut pod_groups: HashMap<(&str, &Labels), usize> = HashMap::new();
     // Group and named ports of each pod, for its second address.
@@ -293,11 +322,11 @@ pub fn assign(
             for (a, o, sig) in members {
                 parts.entry(sig).or_default().push((a, o));
             }
-            keyed.extend(parts.into_iter().map(|(sig, part)| {
-                let cidrs: Vec<String> = sig.0.iter().map(|c| c.to_string()).collect();
-                let split = serde_json::json!({"cidrs": cidrs, "ports": sig.1}).to_string();
-                (format!("{key}|{split}"), part)
-            }));
+            keyed.extend(
+                parts
+                    .into_iter()
+                    .map(|(sig, part)| (split_key(&key, &sig), part)),
+            );
         }
     }
     let ids = alloc.identities.assign(keyed.iter().map(|(k, _)| k))?;
@@ -357,6 +386,213 @@ pub fn assign(
         addresses: Vec::new(),
     });
     Ok((table, ids, cidr_ids))
+}
+
+/// The identities of a model from those of the model before, when all that changed is the
+/// labels or named ports of some pods (see [`relabel_applies`]): only the label sets those
+/// pods leave and join are grouped and numbered again.
+pub struct Relabelled {
+    pub table: IdentityTable,
+    pub pool: NumberPool,
+    /// Identities that were taken apart, as they were.
+    pub gone: BTreeMap<u32, IdentityInfo>,
+    /// Identities made instead (some may have their old number).
+    pub made: BTreeSet<u32>,
+    /// Addresses of the label sets grouped again.
+    pub moved: Vec<IpAddr>,
+}
+
+/// Whether `model` differs from `before` (same pods, in the same order) in nothing that
+/// decides who owns an address: the `changed` pods kept their names, nodes, addresses, phases
+/// and host networking, and each running pod among them owns its addresses in `table`.
+pub fn relabel_applies(
+    table: &IdentityTable,
+    before: &[Endpoint],
+    model: &Model,
+    changed: &[usize],
+) -> bool {
+    changed.iter().all(|&i| {
+        let (o, n) = (&before[i], &model.endpoints[i]);
+        let same = (&o.name, &o.namespace, &o.node, &o.addresses, o.phase, o.host_network)
+            == (&n.name, &n.namespace, &n.node, &n.addresses, n.phase, n.host_network);
+        same && (!grouped(n)
+            || n.addresses.iter().all(|a| {
+                table
+                    .by_address
+                    .get(a)
+                    .and_then(|id| table.info.get(id))
+                    .is_some_and(|info| matches!(&info.kind, IdentityKind::Pods { pods, .. } if pods.contains(&i)))
+            }))
+    })
+}
+
+/// A pod whose addresses carry its labels' identity.
+fn grouped(e: &Endpoint) -> bool {
+    e.phase == crate::model::Phase::Running && !e.host_network
+}
+
+/// [`assign`]'s result for `model` from `table` and `pool`, its result for `before`, where
+/// [`relabel_applies`] holds.
+pub fn relabel(
+    mut table: IdentityTable,
+    pool: &NumberPool,
+    before: &[Endpoint],
+    model: &Model,
+    changed: &[usize],
+    cidrs: &BTreeSet<IpNet>,
+    port_names: &BTreeSet<(String, Protocol)>,
+) -> Result<Relabelled, Exhausted> {
+    let sig = |a: &IpAddr, ep: &Endpoint| -> Sig {
+        (
+            cidrs.iter().filter(|c| c.contains(a)).copied().collect(),
+            port_names
+                .iter()
+                .map(|(n, p)| ep.named_port(n, *p))
+                .collect(),
+        )
+    };
+    let moving: BTreeSet<usize> = changed
+        .iter()
+        .copied()
+        .filter(|&i| grouped(&model.endpoints[i]))
+        .collect();
+    let mut touched: BTreeSet<(&str, &Labels)> = BTreeSet::new();
+    for &i in &moving {
+        touched.insert((&before[i].namespace, &before[i].labels));
+        touched.insert((&model.endpoints[i].namespace, &model.endpoints[i].labels));
+    }
+    let old_ids: Vec<u32> = table
+        .info
+        .iter()
+        .filter(|(_, info)| match &info.kind {
+            IdentityKind::Pods {
+                namespace, labels, ..
+            } => touched.contains(&(namespace.as_str(), labels)),
+            _ => false,
+        })
+        .map(|(id, _)| *id)
+        .collect();
+
+    // The members of the touched label sets now: the pods that stay, and those that came.
+    // (namespace, labels) -> (address, pod, sig) of each member.
+    type Groups<'m> = BTreeMap<(&'m str, &'m Labels), Vec<(IpAddr, usize, Sig)>>;
+    let mut groups: Groups = BTreeMap::new();
+    let mut gone = BTreeMap::new();
+    for id in &old_ids {
+        let info = table.info.remove(id).expect("listed above");
+        if let IdentityKind::Pods { pods, .. } = &info.kind {
+            let staying: BTreeSet<usize> = pods
+                .iter()
+                .copied()
+                .filter(|p| !moving.contains(p))
+                .collect();
+            for p in staying {
+                let ep = &model.endpoints[p];
+                for a in ep
+                    .addresses
+                    .iter()
+                    .filter(|a| table.by_address.get(a) == Some(id))
+                {
+                    let group = (ep.namespace.as_str(), &ep.labels);
+                    groups.entry(group).or_default().push((*a, p, sig(a, ep)));
+                }
+            }
+        }
+        gone.insert(*id, info);
+    }
+    for &i in &moving {
+        let ep = &model.endpoints[i];
+        let group = (ep.namespace.as_str(), &ep.labels);
+        for a in &ep.addresses {
+            groups.entry(group).or_default().push((*a, i, sig(a, ep)));
+        }
+    }
+
+    // Keyed as `assign` keys them.
+    let ns_labels: BTreeMap<&str, &Labels> = model
+        .namespaces
+        .iter()
+        .map(|n| (n.name.as_str(), &n.labels))
+        .collect();
+    let empty = Labels::new();
+    let mut keyed: Vec<(String, Vec<(IpAddr, usize)>)> = Vec::new();
+    for ((ns, labels), mut members) in groups {
+        members.sort_by_key(|m| m.0);
+        let key = label_key(ns, ns_labels.get(ns).copied().unwrap_or(&empty), labels);
+        if members.windows(2).all(|w| w[0].2 == w[1].2) {
+            keyed.push((key, members.into_iter().map(|m| (m.0, m.1)).collect()));
+        } else {
+            let mut parts: BTreeMap<Sig, Vec<(IpAddr, usize)>> = BTreeMap::new();
+            for (a, p, sig) in members {
+                parts.entry(sig).or_default().push((a, p));
+            }
+            keyed.extend(
+                parts
+                    .into_iter()
+                    .map(|(sig, part)| (split_key(&key, &sig), part)),
+            );
+        }
+    }
+    let old_keys: BTreeSet<String> = pool
+        .assigned
+        .iter()
+        .filter(|(_, n)| gone.contains_key(n))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let new_keys: BTreeSet<String> = keyed.iter().map(|(k, _)| k.clone()).collect();
+    let pool = pool.update(
+        &old_keys.difference(&new_keys).cloned().collect(),
+        &new_keys.difference(&old_keys).cloned().collect(),
+    )?;
+
+    let mut made = BTreeSet::new();
+    let mut moved = Vec::new();
+    for (key, members) in keyed {
+        let id = pool.get(&key).expect("assigned above");
+        let addresses: Vec<IpAddr> = members.iter().map(|m| m.0).collect();
+        let mut pods: Vec<usize> = members.iter().map(|m| m.1).collect();
+        pods.dedup();
+        let ep = &model.endpoints[pods[0]];
+        for a in &addresses {
+            table.by_address.insert(*a, id);
+        }
+        moved.extend(addresses.iter().copied());
+        table.info.insert(
+            id,
+            IdentityInfo {
+                kind: IdentityKind::Pods {
+                    namespace: ep.namespace.clone(),
+                    labels: ep.labels.clone(),
+                    pods,
+                },
+                addresses,
+            },
+        );
+        made.insert(id);
+    }
+    Ok(Relabelled {
+        table,
+        pool,
+        gone,
+        made,
+        moved,
+    })
+}
+
+/// What splits equal-label pods (rules 4, 5): the policy CIDRs holding an address, and the
+/// pod's numbers for the named ports egress rules use.
+pub type Sig = (Vec<IpNet>, Vec<Option<u16>>);
+
+/// The pool key of a label set: pods with equal labels in one namespace share it.
+fn label_key(namespace: &str, ns_labels: &Labels, labels: &Labels) -> String {
+    serde_json::json!({"ns": namespace, "nsLabels": ns_labels, "labels": labels}).to_string()
+}
+
+/// The pool key of one part of a label set split by `sig`.
+fn split_key(key: &str, sig: &Sig) -> String {
+    let cidrs: Vec<String> = sig.0.iter().map(|c| c.to_string()).collect();
+    let split = serde_json::json!({"cidrs": cidrs, "ports": sig.1}).to_string();
+    format!("{key}|{split}")
 }
 
 /// Who owns each address: nodes first (hostNetwork pods are their node), then running pods in
@@ -426,6 +662,32 @@ mod tests {
         );
         let json = serde_json::to_string(&p3).unwrap();
         assert_eq!(serde_json::from_str::<NumberPool>(&json).unwrap(), p3);
+    }
+
+    #[test]
+    fn update_is_assign_of_the_keys_that_stay_and_come() {
+        let keys = |ks: &[&str]| ks.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let p = NumberPool::new(10, 20)
+            .assign(keys(&["a", "b", "c", "d"]).iter())
+            .unwrap()
+            .assign(keys(&["a", "c", "d"]).iter())
+            .unwrap();
+        let (vanished, new) = (keys(&["c"]), keys(&["e", "f"]));
+        let live = keys(&["a", "d", "e", "f"]);
+        assert_eq!(
+            p.update(&vanished, &new).unwrap(),
+            p.assign(live.iter()).unwrap()
+        );
+        assert_eq!(
+            p.update(&BTreeSet::new(), &BTreeSet::new()).unwrap(),
+            p.assign(keys(&["a", "c", "d"]).iter()).unwrap(),
+            "nothing changed: the quarantine ends all the same"
+        );
+        assert!(
+            NumberPool::new(1, 2)
+                .update(&BTreeSet::new(), &new)
+                .is_err()
+        );
     }
 
     #[test]

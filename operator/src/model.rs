@@ -4,6 +4,7 @@
 use crate::api::{MoatClusterNetworkPolicy, MoatNetworkPolicy, Protocol};
 use crate::selector::Labels;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
@@ -66,12 +67,25 @@ pub struct Endpoint {
     /// A hostNetwork pod has its node's addresses and identity, and no endpoint of its own.
     pub host_network: bool,
     pub phase: Phase,
+    /// The pod's `resourceVersion`, when it comes from the API server (which changes it with
+    /// every change of the pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }
 
 impl Endpoint {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether `other` is the same endpoint: by revision and interface (the only part that
+    /// does not come from the pod object) when both have a revision, field by field otherwise.
+    pub fn same(&self, other: &Endpoint) -> bool {
+        match (&self.revision, &other.revision) {
+            (Some(a), Some(b)) => a == b && self.interface == other.interface,
+            _ => self == other,
+        }
     }
 
     /// The port number a (name, protocol) resolves to on this pod.
@@ -154,14 +168,19 @@ impl Policy {
         Policy::from_value(v)
     }
 
-    pub fn reference(&self) -> PolicyRef {
-        let (kind, meta) = match self {
+    /// Its kind and metadata.
+    fn kind_and_meta(&self) -> (PolicyKind, &ObjectMeta) {
+        match self {
             Policy::NetworkPolicy(p) => (PolicyKind::NetworkPolicy, &p.metadata),
             Policy::MoatNetworkPolicy(p) => (PolicyKind::MoatNetworkPolicy, &p.metadata),
             Policy::MoatClusterNetworkPolicy(p) => {
                 (PolicyKind::MoatClusterNetworkPolicy, &p.metadata)
             }
-        };
+        }
+    }
+
+    pub fn reference(&self) -> PolicyRef {
+        let (kind, meta) = self.kind_and_meta();
         PolicyRef {
             kind,
             namespace: if kind == PolicyKind::MoatClusterNetworkPolicy {
@@ -173,24 +192,53 @@ impl Policy {
         }
     }
 
+    /// Whether `other` has the same kind, namespace and name (as spelled).
+    pub fn same_ref(&self, other: &Policy) -> bool {
+        let ((ka, a), (kb, b)) = (self.kind_and_meta(), other.kind_and_meta());
+        ka == kb && a.namespace == b.namespace && a.name == b.name
+    }
+
+    /// Whether `other` normalizes to the same policy as `self`: same kind, name, namespace,
+    /// creation time and spec (status, labels and other metadata are not read by the
+    /// compiler). Lets a compiler keep its work on an unchanged policy.
+    pub fn same_input(&self, other: &Policy) -> bool {
+        fn meta_eq(a: &ObjectMeta, b: &ObjectMeta) -> bool {
+            (&a.name, &a.namespace, &a.creation_timestamp)
+                == (&b.name, &b.namespace, &b.creation_timestamp)
+        }
+        // Objects of the API server: the same uid and resourceVersion are the same object.
+        let ((ka, a), (kb, b)) = (self.kind_and_meta(), other.kind_and_meta());
+        if let (Some(_), Some(_)) = (&a.uid, &a.resource_version)
+            && ka == kb
+            && (&a.uid, &a.resource_version) == (&b.uid, &b.resource_version)
+        {
+            return true;
+        }
+        match (self, other) {
+            (Policy::NetworkPolicy(a), Policy::NetworkPolicy(b)) => {
+                meta_eq(&a.metadata, &b.metadata) && a.spec == b.spec
+            }
+            (Policy::MoatNetworkPolicy(a), Policy::MoatNetworkPolicy(b)) => {
+                meta_eq(&a.metadata, &b.metadata) && a.spec == b.spec
+            }
+            (Policy::MoatClusterNetworkPolicy(a), Policy::MoatClusterNetworkPolicy(b)) => {
+                meta_eq(&a.metadata, &b.metadata) && a.spec == b.spec
+            }
+            _ => false,
+        }
+    }
+
     /// metadata.generation, for status.observedGeneration.
     pub fn generation(&self) -> Option<i64> {
-        match self {
-            Policy::NetworkPolicy(p) => p.metadata.generation,
-            Policy::MoatNetworkPolicy(p) => p.metadata.generation,
-            Policy::MoatClusterNetworkPolicy(p) => p.metadata.generation,
-        }
+        self.kind_and_meta().1.generation
     }
 
     /// Creation time as RFC 3339 text (empty when unknown); older policies keep their place
     /// when a map would overflow.
     pub fn created(&self) -> String {
-        let meta = match self {
-            Policy::NetworkPolicy(p) => &p.metadata,
-            Policy::MoatNetworkPolicy(p) => &p.metadata,
-            Policy::MoatClusterNetworkPolicy(p) => &p.metadata,
-        };
-        meta.creation_timestamp
+        self.kind_and_meta()
+            .1
+            .creation_timestamp
             .as_ref()
             .and_then(|t| serde_json::to_value(t).ok())
             .and_then(|v| v.as_str().map(str::to_owned))

@@ -35,6 +35,7 @@ fn build(s: &Scenario) -> Model {
                 interface: Some(common::iface(ns, name)),
                 host_network: false,
                 phase: Phase::Running,
+                revision: None,
             }
         })
         .collect();

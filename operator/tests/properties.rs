@@ -10,8 +10,8 @@ mod common;
 use common::{reference, sim};
 use ipnet::IpNet;
 use moat::api::Protocol;
-use moat::compiler::diff::{RealizedState, diff};
-use moat::compiler::{CompileConfig, DesiredState, compile};
+use moat::compiler::diff::{RealizedState, diff, plan};
+use moat::compiler::{CompileConfig, Compiler, DesiredState, compile};
 use moat::identity::Allocations;
 use moat::model::{ContainerPort, Endpoint, Model, Namespace, Node, Phase, Policy};
 use proptest::prelude::*;
@@ -225,6 +225,8 @@ fn build_model(pods: &[PodGen], policies: &[PolicyGen]) -> Model {
                 } else {
                     Phase::Running
                 },
+                // Changes with everything the pod is made of, as an API server's would.
+                revision: Some(format!("{p:?}")),
             }
         })
         .collect::<Vec<_>>();
@@ -670,6 +672,49 @@ proptest! {
         let m = build_model(&pods, &policies);
         check_node(&m, "n0")?;
         check_node(&m, "n1")?;
+    }
+
+    /// The agent's compiler, fed one model after another (pods relabelled or given another
+    /// named port, policies kept, edited, added or removed), computes what `compile` computes
+    /// from scratch with the same allocations, and its delta takes the maps it had to the
+    /// ones it has.
+    #[test]
+    fn the_incremental_compiler_agrees_with_compile(
+        pods in proptest::collection::vec(pod_gen(), 1..7),
+        first in proptest::collection::vec(policy_gen(), 0..4),
+        steps in proptest::collection::vec(
+            (
+                proptest::option::of(proptest::collection::vec(policy_gen(), 0..4)),
+                proptest::collection::vec((0..7usize, 0..3usize, proptest::option::of(prop_oneof![Just(80u16), Just(81u16)])), 0..3),
+            ),
+            1..5,
+        ),
+    ) {
+        let mut compiler = Compiler::new(CompileConfig::default(), Allocations::default());
+        let mut realized = RealizedState::default();
+        let (mut pods, mut policies) = (pods, first);
+        for (n, (new_policies, relabels)) in std::iter::once((None, Vec::new())).chain(steps).enumerate() {
+            if let Some(p) = new_policies {
+                policies = p;
+            }
+            for (i, app, http) in relabels {
+                if let Some(pod) = pods.get_mut(i) {
+                    pod.app = app;
+                    pod.http = http;
+                }
+            }
+            let mut m = build_model(&pods, &policies);
+            m.local_node = "n0".into();
+            let (expect, expect_alloc) =
+                compile(&m, compiler.allocations(), &CompileConfig::default()).unwrap();
+            let delta = compiler.compile(&m).unwrap();
+            prop_assert_eq!(compiler.state(), &expect, "step {}", n);
+            prop_assert_eq!(compiler.allocations(), &expect_alloc, "step {}", n);
+            for op in plan(&delta, &compiler.state().maps, &realized) {
+                op.apply(&mut realized);
+            }
+            prop_assert_eq!(&realized.maps, &expect.maps, "step {}: the delta", n);
+        }
     }
 
     #[test]

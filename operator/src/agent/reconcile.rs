@@ -19,8 +19,8 @@ use tracing::{info, warn};
 use super::status::{AgentStatus, Overflow, PolicyReport};
 use crate::{
     compiler::{
-        CompileConfig, DesiredState, Maps, compile,
-        diff::{MapOp, RealizedState, diff, transition_overflow},
+        CompileConfig, Compiler, DesiredState, Maps,
+        diff::{Delta, MapOp, RealizedState, diff, plan, transition_overflow},
     },
     flows::FlowContext,
     identity::Allocations,
@@ -37,10 +37,17 @@ const ALLOCATIONS_FILE: &str = "allocations.json";
 pub struct Reconciler {
     dp: Datapath,
     node: String,
-    compile_cfg: CompileConfig,
     state_dir: PathBuf,
-    alloc: Allocations,
+    /// The incremental compiler, whose allocations are the ones in use.
+    compiler: Compiler,
+    /// Whether the compiler has compiled once (its state is then the desired state).
+    compiled: bool,
+    /// The allocations as last saved.
+    saved: Allocations,
     realized: RealizedState,
+    /// Whether `realized` is the compiler's state: the compiler's delta then takes it to the
+    /// next state, and nothing needs comparing.
+    in_sync: bool,
     /// Resolved ifindex of every endpoint interface in `realized`.
     ifindex: BTreeMap<String, u32>,
     /// Interfaces with the endpoint programs attached.
@@ -50,7 +57,6 @@ pub struct Reconciler {
     default_uplinks: Vec<String>,
     out: Publishers,
     metrics: AgentMetrics,
-    desired: Option<Arc<DesiredState>>,
     writes: u64,
 }
 
@@ -97,17 +103,18 @@ impl Reconciler {
         let mut r = Reconciler {
             dp,
             node,
-            compile_cfg,
             state_dir: state_dir.to_owned(),
-            alloc,
+            compiler: Compiler::new(compile_cfg, alloc.clone()),
+            compiled: false,
+            saved: alloc,
             realized: RealizedState::default(),
+            in_sync: false,
             ifindex: BTreeMap::new(),
             attached: BTreeSet::new(),
             uplinks: BTreeSet::new(),
             default_uplinks,
             out,
             metrics,
-            desired: None,
             writes: 0,
         };
         r.read_back()?;
@@ -125,11 +132,11 @@ impl Reconciler {
 
     fn snapshot(&self) -> Snapshot {
         let dp = &self.dp;
-        let rules = self
-            .desired
-            .as_ref()
-            .map(|d| d.rules.clone())
-            .unwrap_or_default();
+        let rules = if self.compiled {
+            self.compiler.state().rules.clone()
+        } else {
+            BTreeMap::new()
+        };
         let m = &self.realized.maps;
         let exact_ip = m
             .ipcache
@@ -227,42 +234,69 @@ impl Reconciler {
     pub fn reconcile(&mut self, source: &SourceState) {
         let started = Instant::now();
         let mut errors = source.errors.clone();
-        let (desired, alloc) = match compile(&source.model, &self.alloc, &self.compile_cfg) {
-            Ok(x) => x,
+        let delta = match self.compiler.compile(&source.model) {
+            Ok(delta) => delta,
             Err(e) => {
                 errors.push(format!("compile: {e}"));
                 self.publish(source, None, errors, false);
                 return;
             }
         };
+        self.compiled = true;
         // Numbers the maps are about to refer to must survive a crash right after.
-        if alloc != self.alloc {
-            if let Err(e) = save_allocations(&self.state_dir.join(ALLOCATIONS_FILE), &alloc) {
+        let alloc = self.compiler.allocations();
+        if *alloc != self.saved {
+            if let Err(e) = save_allocations(&self.state_dir.join(ALLOCATIONS_FILE), alloc) {
                 errors.push(e.to_string());
-                self.publish(source, Some(&desired), errors, false);
+                self.in_sync = false;
+                self.publish(source, Some(self.compiler.state()), errors, false);
                 return;
             }
-            self.alloc = alloc;
+            self.saved = alloc.clone();
         }
 
-        let mut maps = desired.maps.clone();
-        let mut missing = Vec::new();
-        for name in maps.endpoints.keys() {
+        let desired = self.compiler.state();
+        // Endpoint interfaces not as last seen: new or recreated (their ifindex), or absent.
+        let mut unsettled = Vec::new();
+        for name in desired.maps.endpoints.keys() {
             match ifindex_of(name) {
-                Some(i) => self.track_interface(name, i, &mut errors),
-                None => missing.push(name.clone()),
+                Some(i) => {
+                    if self.ifindex.get(name) != Some(&i) {
+                        unsettled.push((name.clone(), Some(i)));
+                    }
+                }
+                None => unsettled.push((name.clone(), None)),
+            }
+        }
+        for (name, i) in &unsettled {
+            if let Some(i) = i {
+                self.track_interface(name, *i, &mut errors);
             }
         }
         // Endpoints whose interface does not exist (yet) cannot be programmed.
-        for name in missing {
-            errors.push(format!(
-                "interface {name} of a local endpoint is not present on node {}",
-                self.node
-            ));
-            maps.endpoints.remove(&name);
+        let filtered = unsettled.iter().any(|(_, i)| i.is_none()).then(|| {
+            let mut maps = self.compiler.state().maps.clone();
+            for (name, i) in &unsettled {
+                if i.is_none() {
+                    errors.push(format!(
+                        "interface {name} of a local endpoint is not present on node {}",
+                        self.node
+                    ));
+                    maps.endpoints.remove(name);
+                }
+            }
+            maps
+        });
+        // The converge below borrows the reconciler whole; the compiler sits it out.
+        let compiler = std::mem::take(&mut self.compiler);
+        let desired = compiler.state();
+        let maps = filtered.as_ref().unwrap_or(&desired.maps);
+        // A recreated interface lost its realized entry: then compare, do not trust the delta.
+        let delta = (self.in_sync && unsettled.is_empty()).then_some(&delta);
+        let programmed = self.converge(maps, delta, source, &mut errors);
+        if filtered.is_some() {
+            self.in_sync = false;
         }
-
-        let programmed = self.converge(&maps, source, &mut errors);
         let elapsed = started.elapsed();
         self.metrics
             .reconcile_duration
@@ -281,7 +315,7 @@ impl Reconciler {
             .collect();
         self.out
             .l7_policy
-            .send_replace(Arc::new(L7Policy::from_state(&desired)));
+            .send_replace(Arc::new(L7Policy::from_state(desired)));
         self.out.flow_ctx.send_replace(Arc::new(FlowContext::new(
             &source.model,
             &desired.rules,
@@ -293,9 +327,8 @@ impl Reconciler {
             programmed,
             "reconciled"
         );
-        self.desired = Some(Arc::new(desired));
-        let desired = self.desired.clone();
-        self.publish(source, desired.as_deref(), errors, programmed);
+        self.publish(source, Some(desired), errors, programmed);
+        self.compiler = compiler;
     }
 
     /// Remember `name`'s ifindex. An interface recreated under the same name (a pod
@@ -314,7 +347,14 @@ impl Reconciler {
 
     /// Detach, write, attach, in the order that never leaves an interface with a program but
     /// no endpoint entry (which fails closed) or an entry with a program of a deleted pod.
-    fn converge(&mut self, maps: &Maps, source: &SourceState, errors: &mut Vec<String>) -> bool {
+    /// `delta`, when given, takes `realized` to `maps` (see `in_sync`).
+    fn converge(
+        &mut self,
+        maps: &Maps,
+        delta: Option<&Delta>,
+        source: &SourceState,
+        errors: &mut Vec<String>,
+    ) -> bool {
         // Interfaces leaving: detach before their entries go.
         let leaving: Vec<String> = self
             .attached
@@ -331,7 +371,11 @@ impl Reconciler {
             }
         }
 
-        let ops = diff(maps, &self.realized);
+        let ops = match delta {
+            Some(delta) => plan(delta, maps, &self.realized),
+            None => diff(maps, &self.realized),
+        };
+        self.in_sync = false;
         if let Some(o) = transition_overflow(&ops, &self.realized) {
             errors.push(format!(
                 "change not applied, the previous state stays enforced: while endpoints switch, \
@@ -339,9 +383,10 @@ impl Reconciler {
             ));
             return false;
         }
-        let mut ok = true;
+        let (mut ok, mut skipped) = (true, false);
         for op in &ops {
             let Some(dp_op) = self.translate(op) else {
+                skipped = true;
                 continue;
             };
             match self.dp.apply(std::slice::from_ref(&dp_op)) {
@@ -362,6 +407,7 @@ impl Reconciler {
                 errors.push(e.to_string());
             }
         }
+        self.in_sync = ok && !skipped;
 
         // Interfaces arriving: attach once their entries exist.
         for ifname in maps.endpoints.keys() {

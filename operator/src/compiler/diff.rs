@@ -33,7 +33,7 @@
 use super::{Maps, Overflow, first_overflow, map_fill};
 use ipnet::IpNet;
 use moat_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, identity};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Subject numbers from here on are transition subjects; rule sets are numbered below.
 pub const FIRST_TRANSITION_SUBJECT: u32 = 0xffff_0000;
@@ -103,54 +103,124 @@ impl MapOp {
     }
 }
 
-/// Upserts (new or changed keys) and deletes (vanished keys) of one map.
-fn changes<K: Ord + Clone, V: PartialEq + Clone>(
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-) -> (Vec<(K, V)>, Vec<K>) {
-    let ups = new
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let dels = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .cloned()
-        .collect();
-    (ups, dels)
+/// Upserts (new or changed keys, with their new value) and deletes (vanished keys) of one
+/// map, in key order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Changes<K, V> {
+    pub ups: Vec<(K, V)>,
+    pub dels: Vec<K>,
+}
+
+impl<K, V> Default for Changes<K, V> {
+    fn default() -> Self {
+        Changes {
+            ups: Vec::new(),
+            dels: Vec::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: PartialEq + Clone> Changes<K, V> {
+    /// One merge pass over both maps (they are sorted alike), so a state of 200,000 entries
+    /// is compared without a lookup per entry.
+    pub fn between(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Self {
+        use std::cmp::Ordering::*;
+        let mut c = Changes::default();
+        let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+        loop {
+            match (o.peek(), n.peek()) {
+                (None, None) => break,
+                (Some((ok, _)), None) => {
+                    c.dels.push((*ok).clone());
+                    o.next();
+                }
+                (None, Some((nk, nv))) => {
+                    c.ups.push(((*nk).clone(), (*nv).clone()));
+                    n.next();
+                }
+                (Some((ok, ov)), Some((nk, nv))) => match ok.cmp(nk) {
+                    Less => {
+                        c.dels.push((*ok).clone());
+                        o.next();
+                    }
+                    Greater => {
+                        c.ups.push(((*nk).clone(), (*nv).clone()));
+                        n.next();
+                    }
+                    Equal => {
+                        if ov != nv {
+                            c.ups.push(((*nk).clone(), (*nv).clone()));
+                        }
+                        o.next();
+                        n.next();
+                    }
+                },
+            }
+        }
+        c
+    }
+}
+
+/// What changed from one state of the maps to another: the input of [`plan`]. Computed by
+/// [`Delta::between`], or kept up to date by a compiler that knows what it changed
+/// ([`super::incremental::Compiler`]), which spares the comparison of everything else.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub prefilter: Changes<IpNet, u32>,
+    pub endpoints: Changes<String, EndpointInfo>,
+    pub ipcache: Changes<IpNet, IpcacheValue>,
+    pub exact: Changes<PolicyKey, PolicyValue>,
+    pub prefixes: Changes<(PolicyKey, u32), PolicyValue>,
+}
+
+impl Delta {
+    pub fn between(old: &Maps, new: &Maps) -> Delta {
+        Delta {
+            prefilter: Changes::between(&old.prefilter, &new.prefilter),
+            endpoints: Changes::between(&old.endpoints, &new.endpoints),
+            ipcache: Changes::between(&old.ipcache, &new.ipcache),
+            exact: Changes::between(&old.exact, &new.exact),
+            prefixes: Changes::between(&old.prefixes, &new.prefixes),
+        }
+    }
 }
 
 /// The ordered batch that takes `realized` to `desired`; empty when they agree.
 pub fn diff(desired: &Maps, realized: &RealizedState) -> Vec<MapOp> {
+    plan(&Delta::between(&realized.maps, desired), desired, realized)
+}
+
+/// The ordered batch that makes `delta` (from `realized` to `desired`) happen.
+pub fn plan(delta: &Delta, desired: &Maps, realized: &RealizedState) -> Vec<MapOp> {
     let old = &realized.maps;
     let mut ops = Vec::new();
 
     // 1. Blocklist additions first, removals last: the blocklist only ever drops.
-    let (pf_up, pf_del) = changes(&old.prefilter, &desired.prefilter);
-    ops.extend(pf_up.into_iter().map(|(k, v)| MapOp::PrefilterUpsert(k, v)));
+    let pf = &delta.prefilter;
+    ops.extend(pf.ups.iter().map(|&(k, v)| MapOp::PrefilterUpsert(k, v)));
 
     // 2. Endpoints that go away: their interface is gone or going; a missing entry fails
     //    closed, which the new state (no endpoint) agrees with.
-    let (ep_up, ep_del) = changes(&old.endpoints, &desired.endpoints);
-    ops.extend(ep_del.into_iter().map(MapOp::EndpointDelete));
+    let ep = &delta.endpoints;
+    ops.extend(ep.dels.iter().cloned().map(MapOp::EndpointDelete));
 
     // 3. Addresses. With no endpoint switching, every new identity takes effect in one write:
     //    new and changed entries, then removals (a more specific entry is never removed before
     //    its replacement exists). Otherwise they wait for step 6, the moving ones parked on
     //    transition identities meanwhile.
-    let (ip_up, ip_del) = changes(&old.ipcache, &desired.ipcache);
-    let switching = ep_up.iter().any(|(k, _)| old.endpoints.contains_key(k));
-    let ipcache_ops = ip_up
-        .into_iter()
-        .map(|(k, v)| MapOp::IpcacheUpsert(k, v))
-        .chain(ip_del.iter().copied().map(MapOp::IpcacheDelete));
+    let ip = &delta.ipcache;
+    let switching = ep.ups.iter().any(|(k, _)| old.endpoints.contains_key(k));
+    let ipcache_ops = ip
+        .ups
+        .iter()
+        .map(|&(k, v)| MapOp::IpcacheUpsert(k, v))
+        .chain(ip.dels.iter().copied().map(MapOp::IpcacheDelete));
     let mut ipcache_ops: Vec<MapOp> = ipcache_ops.collect();
     if !switching {
         ops.append(&mut ipcache_ops);
     }
     let transition = if switching {
-        Transition::plan(old, desired, &ip_del)
+        Transition::plan(old, desired, delta)
     } else {
         Transition::default()
     };
@@ -161,18 +231,16 @@ pub fn diff(desired: &Maps, realized: &RealizedState) -> Vec<MapOp> {
     //    were lost (content addressing keeps them stable otherwise): then new keys before
     //    changed ones, removals at the end, which keeps each lookup at its old or new value.
     let live: BTreeSet<u32> = old.endpoints.values().map(|e| e.ruleset_id).collect();
-    let (ex_up, ex_del) = changes(&old.exact, &desired.exact);
-    let (px_up, px_del) = changes(&old.prefixes, &desired.prefixes);
     let inert_first = |subject: u32, is_new: bool| (live.contains(&subject), !is_new);
     let mut policy_ups: Vec<((bool, bool), MapOp)> = Vec::new();
-    for (k, v) in ex_up {
+    for &(k, v) in &delta.exact.ups {
         let is_new = !old.exact.contains_key(&k);
         policy_ups.push((
             inert_first(k.subject, is_new),
             MapOp::PolicyExactUpsert(k, v),
         ));
     }
-    for ((k, l), v) in px_up {
+    for &((k, l), v) in &delta.prefixes.ups {
         let is_new = !old.prefixes.contains_key(&(k, l));
         policy_ups.push((
             inert_first(k.subject, is_new),
@@ -184,20 +252,33 @@ pub fn diff(desired: &Maps, realized: &RealizedState) -> Vec<MapOp> {
 
     // 5. Endpoints switch (new endpoints start here): subject, flags and isolating rules in
     //    one write.
-    ops.extend(ep_up.into_iter().map(|(k, v)| MapOp::EndpointUpsert(k, v)));
+    ops.extend(
+        ep.ups
+            .iter()
+            .map(|(k, v)| MapOp::EndpointUpsert(k.clone(), *v)),
+    );
 
     // 6. Addresses, when endpoints switched: moving ones leave their transition identity.
     ops.append(&mut ipcache_ops);
 
     // 7. Entries nothing references any more.
     ops.extend(transition.teardown());
-    ops.extend(ex_del.into_iter().map(MapOp::PolicyExactDelete));
     ops.extend(
-        px_del
-            .into_iter()
-            .map(|(k, l)| MapOp::PolicyPrefixDelete(k, l)),
+        delta
+            .exact
+            .dels
+            .iter()
+            .copied()
+            .map(MapOp::PolicyExactDelete),
     );
-    ops.extend(pf_del.into_iter().map(MapOp::PrefilterDelete));
+    ops.extend(
+        delta
+            .prefixes
+            .dels
+            .iter()
+            .map(|&(k, l)| MapOp::PolicyPrefixDelete(k, l)),
+    );
+    ops.extend(pf.dels.iter().copied().map(MapOp::PrefilterDelete));
 
     // 8. Established flows are re-judged only against the finished state.
     if !ops.is_empty() {
@@ -238,6 +319,12 @@ impl Entry {
         }
     }
 
+    fn key(&self) -> &PolicyKey {
+        match self {
+            Entry::Exact(k, _) | Entry::Prefix(k, _, _) => k,
+        }
+    }
+
     fn upsert(self) -> MapOp {
         match self {
             Entry::Exact(k, v) => MapOp::PolicyExactUpsert(k, v),
@@ -253,35 +340,38 @@ impl Entry {
     }
 }
 
-/// `maps`' entries whose subject and peer satisfy `keep`, by (subject, peer), in key order.
-fn entries_by(maps: &Maps, keep: impl Fn(&PolicyKey) -> bool) -> BTreeMap<(u32, u32), Vec<Entry>> {
-    let mut out: BTreeMap<(u32, u32), Vec<Entry>> = BTreeMap::new();
-    let exact = maps.exact.iter().map(|(k, v)| Entry::Exact(*k, *v));
+/// The entries of `subject` whose peer is in `first..=last` (exact ones, then prefixes, each
+/// in key order): two range reads, as keys order by subject, then peer.
+fn entries_of(
+    maps: &Maps,
+    subject: u32,
+    first: u32,
+    last: u32,
+) -> impl Iterator<Item = Entry> + '_ {
+    let lo = PolicyKey {
+        subject,
+        peer: first,
+        ..PolicyKey::default()
+    };
+    let hi = PolicyKey {
+        subject,
+        peer: last,
+        direction: u8::MAX,
+        protocol: u8::MAX,
+        dport: [u8::MAX; 2],
+    };
+    let exact = maps.exact.range(lo..=hi).map(|(k, v)| Entry::Exact(*k, *v));
     let prefixes = maps
         .prefixes
-        .iter()
+        .range((lo, 0)..=(hi, u32::MAX))
         .map(|((k, l), v)| Entry::Prefix(*k, *l, *v));
-    for e in exact.chain(prefixes) {
-        let (Entry::Exact(k, _) | Entry::Prefix(k, _, _)) = e;
-        if keep(&k) {
-            out.entry((k.subject, k.peer)).or_default().push(e);
-        }
-    }
-    out
+    exact.chain(prefixes)
 }
 
 /// The entries of `peer` in `subject`, renumbered to (0, 0): what they decide, comparable
 /// across peers and subjects.
-fn view(
-    views: &BTreeMap<(u32, u32), Vec<Entry>>,
-    subject: u32,
-    peer: u32,
-) -> impl Iterator<Item = Entry> + '_ {
-    views
-        .get(&(subject, peer))
-        .into_iter()
-        .flatten()
-        .map(|e| e.with(0, 0))
+fn view(maps: &Maps, subject: u32, peer: u32) -> impl Iterator<Item = Entry> + '_ {
+    entries_of(maps, subject, peer, peer).map(|e| e.with(0, 0))
 }
 
 /// The lowest numbers from `first` on that `used` does not hold.
@@ -302,14 +392,10 @@ struct Transition {
 }
 
 impl Transition {
-    fn plan(old: &Maps, new: &Maps, removed: &[IpNet]) -> Transition {
+    fn plan(old: &Maps, new: &Maps, delta: &Delta) -> Transition {
         // Addresses whose deciding identity changes, by (old, new) identity.
-        let changed = new
-            .ipcache
-            .iter()
-            .filter(|(k, v)| old.ipcache.get(*k) != Some(*v))
-            .map(|(k, _)| k)
-            .chain(removed);
+        let ip = &delta.ipcache;
+        let changed = ip.ups.iter().map(|(k, _)| k).chain(&ip.dels);
         let mut moving: BTreeMap<(u32, u32), Vec<IpNet>> = BTreeMap::new();
         for net in changed {
             let (a, b) = (identity_of(old, net), identity_of(new, net));
@@ -321,11 +407,13 @@ impl Transition {
             return Transition::default();
         }
 
-        // Numbers no entry of either state holds (an interrupted batch may have left some).
-        let old_entries = old.exact.keys().chain(old.prefixes.keys().map(|(k, _)| k));
-        let mut used_ids: BTreeSet<u32> = old_entries.clone().map(|k| k.peer).collect();
+        // Numbers no entry of either state holds. The compiler never makes transition numbers,
+        // so old entries that hold some (left by an interrupted batch) are all being deleted.
+        let deleted = delta.exact.dels.iter();
+        let deleted = deleted.chain(delta.prefixes.dels.iter().map(|(k, _)| k));
+        let mut used_ids: BTreeSet<u32> = deleted.clone().map(|k| k.peer).collect();
         used_ids.extend(old.ipcache.values().map(|v| v.identity));
-        let mut used_subjects: BTreeSet<u32> = old_entries.map(|k| k.subject).collect();
+        let mut used_subjects: BTreeSet<u32> = deleted.map(|k| k.subject).collect();
         used_subjects.extend(old.endpoints.values().map(|e| e.ruleset_id));
         let mut ids = fresh(identity::FIRST_TRANSITION, &used_ids);
         let mut subjects = fresh(FIRST_TRANSITION_SUBJECT, &used_subjects);
@@ -342,21 +430,17 @@ impl Transition {
                 leaving.entry(was.ruleset_id).or_default().push((name, was));
             }
         }
-        let olds: BTreeSet<u32> = pairs.iter().map(|((a, _), _)| *a).collect();
-        let news: BTreeSet<u32> = pairs.iter().map(|((_, b), _)| *b).collect();
-        let old_views = entries_by(old, |k| olds.contains(&k.peer));
-        let new_views = entries_by(new, |k| news.contains(&k.peer));
         let same_meaning = |subject: u32| {
             pairs
                 .iter()
-                .all(|((a, b), _)| view(&old_views, subject, *a).eq(view(&new_views, subject, *b)))
+                .all(|((a, b), _)| view(old, subject, *a).eq(view(new, subject, *b)))
         };
 
         let mut t = Transition::default();
         for &subject in &in_new {
             for &((_, b), tid) in &pairs {
                 t.entries
-                    .extend(view(&new_views, subject, b).map(|e| e.with(subject, tid)));
+                    .extend(view(new, subject, b).map(|e| e.with(subject, tid)));
             }
         }
         let mut copies = Vec::new();
@@ -379,18 +463,12 @@ impl Transition {
             };
             for &((a, _), tid) in &pairs {
                 t.entries
-                    .extend(view(&old_views, subject, a).map(|e| e.with(target, tid)));
+                    .extend(view(old, subject, a).map(|e| e.with(target, tid)));
             }
         }
-        if !copies.is_empty() {
-            let originals: BTreeSet<u32> = copies.iter().map(|(s, _)| *s).collect();
-            let whole = entries_by(old, |k| originals.contains(&k.subject));
-            for (subject, copy) in copies {
-                let of_subject = whole.range((subject, 0)..=(subject, u32::MAX));
-                for ((_, peer), es) in of_subject {
-                    t.entries.extend(es.iter().map(|e| e.with(copy, *peer)));
-                }
-            }
+        for (subject, copy) in copies {
+            let whole = entries_of(old, subject, 0, u32::MAX);
+            t.entries.extend(whole.map(|e| e.with(copy, e.key().peer)));
         }
         for (&(_, tid), nets) in pairs.iter().zip(moving.values()) {
             for net in nets {
@@ -432,46 +510,62 @@ impl Transition {
 /// old and new rule sets coexist while endpoints switch, so a change that fits when done can
 /// still overflow half-way.
 pub fn transition_overflow(ops: &[MapOp], realized: &RealizedState) -> Option<Overflow> {
-    let mut cur = realized.clone();
-    let mut fill = map_fill(&cur.maps);
+    /// A key of one of the maps.
+    #[derive(PartialEq, Eq, Hash)]
+    enum Key<'a> {
+        Ipcache(IpNet),
+        Endpoint(&'a str),
+        Exact(PolicyKey),
+        Prefix(PolicyKey, u32),
+        Prefilter(IpNet),
+    }
+    let m = &realized.maps;
+    // Whether each key the batch touched is present now; the others are as realized.
+    let mut touched: HashMap<Key, bool> = HashMap::new();
+    let mut fill = map_fill(m);
     let mut peak = fill;
     for op in ops {
-        let m = &cur.maps;
-        let (slot, present, adds) = match op {
+        let (slot, key, was, adds) = match op {
             MapOp::IpcacheUpsert(k, _) | MapOp::IpcacheDelete(k) => (
                 usize::from(k.prefix_len() != k.max_prefix_len()),
+                Key::Ipcache(*k),
                 m.ipcache.contains_key(k),
                 matches!(op, MapOp::IpcacheUpsert(..)),
             ),
             MapOp::EndpointUpsert(k, _) | MapOp::EndpointDelete(k) => (
                 2,
+                Key::Endpoint(k),
                 m.endpoints.contains_key(k),
                 matches!(op, MapOp::EndpointUpsert(..)),
             ),
             MapOp::PolicyExactUpsert(k, _) | MapOp::PolicyExactDelete(k) => (
                 3,
+                Key::Exact(*k),
                 m.exact.contains_key(k),
                 matches!(op, MapOp::PolicyExactUpsert(..)),
             ),
             MapOp::PolicyPrefixUpsert(k, l, _) | MapOp::PolicyPrefixDelete(k, l) => (
                 4,
+                Key::Prefix(*k, *l),
                 m.prefixes.contains_key(&(*k, *l)),
                 matches!(op, MapOp::PolicyPrefixUpsert(..)),
             ),
             MapOp::PrefilterUpsert(k, _) | MapOp::PrefilterDelete(k) => (
                 5,
+                Key::Prefilter(*k),
                 m.prefilter.contains_key(k),
                 matches!(op, MapOp::PrefilterUpsert(..)),
             ),
             MapOp::SetRevision(_) => continue,
         };
-        match (adds, present) {
+        let present = touched.entry(key).or_insert(was);
+        match (adds, *present) {
             (true, false) => fill[slot] += 1,
             (false, true) => fill[slot] -= 1,
             _ => {}
         }
+        *present = adds;
         peak[slot] = peak[slot].max(fill[slot]);
-        op.apply(&mut cur);
     }
     first_overflow(&peak)
 }

@@ -19,12 +19,21 @@ pub struct PeerIndex<'a> {
     /// Pod identities and their labels, by namespace.
     pods: BTreeMap<&'a str, Vec<(u32, &'a Labels)>>,
     /// What peers that look beyond one namespace resolved to, by their spelling: many
-    /// policies name the same CIDRs, entities and namespace selectors.
-    memo: RefCell<HashMap<String, Vec<u32>>>,
+    /// policies name the same CIDRs, entities and namespace selectors. `None`: resolved every
+    /// time (over a few identities that is cheaper than spelling the peer).
+    memo: Option<RefCell<HashMap<String, Vec<u32>>>>,
 }
 
 impl<'a> PeerIndex<'a> {
     pub fn new(ids: &'a IdentityTable, ns_labels: &'a BTreeMap<&'a str, &'a Labels>) -> Self {
+        PeerIndex {
+            memo: Some(RefCell::default()),
+            ..PeerIndex::few(ids, ns_labels)
+        }
+    }
+
+    /// An index over a few identities (no memo).
+    pub fn few(ids: &'a IdentityTable, ns_labels: &'a BTreeMap<&'a str, &'a Labels>) -> Self {
         let mut pods: BTreeMap<&str, Vec<(u32, &Labels)>> = BTreeMap::new();
         for (&id, i) in &ids.info {
             if let IdentityKind::Pods {
@@ -40,7 +49,7 @@ impl<'a> PeerIndex<'a> {
             ids,
             ns_labels,
             pods,
-            memo: RefCell::default(),
+            memo: None,
         }
     }
 
@@ -71,11 +80,14 @@ impl<'a> PeerIndex<'a> {
                         out.extend(pod_members(members, pods.as_ref()));
                     }
                 }
-                _ => {
-                    let mut memo = self.memo.borrow_mut();
-                    let ids = memo.entry(spelling(p)).or_insert_with(|| self.wide(p));
-                    out.extend(ids.iter().copied());
-                }
+                _ => match &self.memo {
+                    Some(memo) => {
+                        let mut memo = memo.borrow_mut();
+                        let ids = memo.entry(spelling(p)).or_insert_with(|| self.wide(p));
+                        out.extend(ids.iter().copied());
+                    }
+                    None => out.extend(self.wide(p)),
+                },
             }
         }
         out

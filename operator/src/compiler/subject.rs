@@ -13,6 +13,7 @@ use moat_common::direction::{EGRESS, INGRESS};
 use moat_common::identity::ANY;
 use moat_common::{PolicyValue, action, ep_flag, ep_flags, policy_prefix};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// The protocol/port part of a policy key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,7 +118,7 @@ impl PolicyValueOrd {
 }
 
 /// One endpoint's compiled policy.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
     pub flags: u32,
     pub isolating_rule: [u32; 2],
@@ -148,7 +149,7 @@ pub fn selects_pod(p: &NormPolicy, labels: &Labels) -> bool {
 /// pods, in `policies` order. Selection is then a pod-selector test against this short list
 /// instead of every policy.
 pub fn by_namespace<'n>(
-    policies: &[NormPolicy],
+    policies: &[Arc<NormPolicy>],
     namespaces: impl IntoIterator<Item = &'n str>,
     ns_labels: &BTreeMap<&str, &Labels>,
 ) -> BTreeMap<&'n str, Vec<usize>> {
@@ -163,10 +164,12 @@ pub fn by_namespace<'n>(
         .collect()
 }
 
-/// A policy with its rules' peers and ids resolved: once per compile, for every endpoint it
-/// selects.
-pub struct Resolved<'a> {
-    pub policy: &'a NormPolicy,
+/// A policy with its rules' peers and ids resolved: once per compile for every endpoint it
+/// selects, and kept across compiles while neither the policy, its rule ids nor the
+/// identities its peers name change.
+#[derive(Debug)]
+pub struct Resolved {
+    pub policy: Arc<NormPolicy>,
     /// Peer identities per direction, per rule (in `policy.rules` order).
     pub peers: [Vec<BTreeSet<u32>>; 2],
     /// Rule ids per direction, per rule.
@@ -175,18 +178,28 @@ pub struct Resolved<'a> {
     pub default_deny: [u32; 2],
 }
 
-impl<'a> Resolved<'a> {
-    pub fn new(policy: &'a NormPolicy, index: &peers::PeerIndex, ids: &RuleIds<'_>) -> Self {
-        fn per_rule<T>(p: &NormPolicy, f: impl Fn(u8, &NormRule) -> T) -> [Vec<T>; 2] {
-            [INGRESS, EGRESS].map(|dir| p.rules[dir as usize].iter().map(|r| f(dir, r)).collect())
-        }
+impl Resolved {
+    pub fn new(policy: &Arc<NormPolicy>, index: &peers::PeerIndex, ids: &RuleIds<'_>) -> Self {
+        let (rule_ids, default_deny) = Resolved::ids(policy, ids);
         Resolved {
-            policy,
+            policy: policy.clone(),
             peers: per_rule(policy, |_, r| index.resolve(r.peers.as_deref(), r.deny)),
-            rule_ids: per_rule(policy, |dir, r| ids.rule(&policy.reference, dir, r.index)),
-            default_deny: [INGRESS, EGRESS].map(|dir| ids.default_deny(&policy.reference, dir)),
+            rule_ids,
+            default_deny,
         }
     }
+
+    /// The rule ids of `policy`'s rules and its default-deny ids, per direction.
+    pub fn ids(policy: &NormPolicy, ids: &RuleIds<'_>) -> ([Vec<u32>; 2], [u32; 2]) {
+        (
+            per_rule(policy, |dir, r| ids.rule(&policy.reference, dir, r.index)),
+            [INGRESS, EGRESS].map(|dir| ids.default_deny(&policy.reference, dir)),
+        )
+    }
+}
+
+fn per_rule<T>(p: &NormPolicy, f: impl Fn(u8, &NormRule) -> T) -> [Vec<T>; 2] {
+    [INGRESS, EGRESS].map(|dir| p.rules[dir as usize].iter().map(|r| f(dir, r)).collect())
 }
 
 /// Enforce/audit class of a contribution.
@@ -227,7 +240,7 @@ pub fn compile_endpoint(ctx: &Context, ep: &Endpoint, selecting: &[&Resolved]) -
     for dir in [INGRESS, EGRESS] {
         let d = dir as usize;
         for resolved in selecting.iter().filter(|p| p.policy.applies[d]) {
-            let p = resolved.policy;
+            let p = &*resolved.policy;
             out.flags |= ep_flag(ep_flags::POLICY, dir);
             if p.isolates[d] {
                 let rid = resolved.default_deny[d];

@@ -131,6 +131,7 @@ impl EndpointsFile {
                             port: p.port,
                         })
                         .collect(),
+                    revision: None,
                     interface: e.interface.clone(),
                     host_network: e.host_network,
                     phase: Phase::Running,

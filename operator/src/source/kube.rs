@@ -565,5 +565,6 @@ pub fn endpoint(p: &Pod) -> Option<Endpoint> {
         interface: None,
         host_network: spec.host_network.unwrap_or(false),
         phase: Phase::Running,
+        revision: p.resource_version(),
     })
 }

@@ -46,6 +46,7 @@ pub fn pod(namespace: &str, name: &str, node: &str, kv: &[(&str, &str)], ip: &st
         interface: Some(iface(namespace, name)),
         host_network: false,
         phase: Phase::Running,
+        revision: None,
     }
 }
 
