@@ -494,6 +494,10 @@ fn main() {
     println!("state: {size}");
     drop(state);
 
+    // Every change is compiled by the agent's compiler, then the base model again.
+    let mut measure =
+        |m: &Model, what: &str| incremental(&mut compiler, m, &base, &mut realized, &expect, what);
+
     // One pod relabelled (a canary promoted or rolled back: `version` flips), over pods spread
     // across namespaces and nodes; every fourth is a local one.
     let mut pod = Vec::with_capacity(EDITS);
@@ -517,14 +521,7 @@ fn main() {
         *v = if v == "v1" { "v2" } else { "v1" }.into();
         ep.revision = Some("2".into());
         let what = format!("relabelling pod {}", ep.key());
-        pod.push(incremental(
-            &mut compiler,
-            &m,
-            &base,
-            &mut realized,
-            &expect,
-            &what,
-        ));
+        pod.push(measure(&m, &what));
     }
     assert!(pod.len() >= 20, "{} pod changes", pod.len());
 
@@ -535,14 +532,7 @@ fn main() {
         let mut m = base.clone();
         m.policies[i * 10 + 2] = policy(i, 2, e + 1);
         let what = format!("edit {e} of {}", m.policies[i * 10 + 2].reference());
-        policy_edits.push(incremental(
-            &mut compiler,
-            &m,
-            &base,
-            &mut realized,
-            &expect,
-            &what,
-        ));
+        policy_edits.push(measure(&m, &what));
     }
 
     // One pod created on another node (a replica more of an app): not taken apart
@@ -562,14 +552,7 @@ fn main() {
         ep.addresses = vec![format!("10.250.0.{}", e + 1).parse().unwrap()];
         let what = format!("creating pod {}", ep.key());
         m.endpoints.push(ep);
-        added.push(incremental(
-            &mut compiler,
-            &m,
-            &base,
-            &mut realized,
-            &expect,
-            &what,
-        ));
+        added.push(measure(&m, &what));
     }
 
     let mut kinds = BTreeMap::new();

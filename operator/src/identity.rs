@@ -314,20 +314,7 @@ pub fn assign(
             );
             continue;
         }
-        if uniform {
-            keyed.push((key, members.into_iter().map(|m| (m.0, m.1)).collect()));
-        } else {
-            // Split by discriminator; each distinct one is spelled out once.
-            let mut parts: BTreeMap<Sig, Vec<(IpAddr, Owner)>> = BTreeMap::new();
-            for (a, o, sig) in members {
-                parts.entry(sig).or_default().push((a, o));
-            }
-            keyed.extend(
-                parts
-                    .into_iter()
-                    .map(|(sig, part)| (split_key(&key, &sig), part)),
-            );
-        }
+        keyed.extend(parts(key, members));
     }
     let ids = alloc.identities.assign(keyed.iter().map(|(k, _)| k))?;
     for (key, members) in keyed {
@@ -519,19 +506,7 @@ pub fn relabel(
     for ((ns, labels), mut members) in groups {
         members.sort_by_key(|m| m.0);
         let key = label_key(ns, ns_labels.get(ns).copied().unwrap_or(&empty), labels);
-        if members.windows(2).all(|w| w[0].2 == w[1].2) {
-            keyed.push((key, members.into_iter().map(|m| (m.0, m.1)).collect()));
-        } else {
-            let mut parts: BTreeMap<Sig, Vec<(IpAddr, usize)>> = BTreeMap::new();
-            for (a, p, sig) in members {
-                parts.entry(sig).or_default().push((a, p));
-            }
-            keyed.extend(
-                parts
-                    .into_iter()
-                    .map(|(sig, part)| (split_key(&key, &sig), part)),
-            );
-        }
+        keyed.extend(parts(key, members));
     }
     let old_keys: BTreeSet<String> = pool
         .assigned
@@ -588,11 +563,24 @@ fn label_key(namespace: &str, ns_labels: &Labels, labels: &Labels) -> String {
     serde_json::json!({"ns": namespace, "nsLabels": ns_labels, "labels": labels}).to_string()
 }
 
-/// The pool key of one part of a label set split by `sig`.
-fn split_key(key: &str, sig: &Sig) -> String {
-    let cidrs: Vec<String> = sig.0.iter().map(|c| c.to_string()).collect();
-    let split = serde_json::json!({"cidrs": cidrs, "ports": sig.1}).to_string();
-    format!("{key}|{split}")
+/// The identities of one label set (pool key `key`), each with its members: one when all
+/// members have the same `Sig`, else one per distinct `Sig`, keyed `key|<sig>`.
+fn parts<O>(key: String, members: Vec<(IpAddr, O, Sig)>) -> Vec<(String, Vec<(IpAddr, O)>)> {
+    if members.windows(2).all(|w| w[0].2 == w[1].2) {
+        return vec![(key, members.into_iter().map(|m| (m.0, m.1)).collect())];
+    }
+    let mut parts: BTreeMap<Sig, Vec<(IpAddr, O)>> = BTreeMap::new();
+    for (a, o, sig) in members {
+        parts.entry(sig).or_default().push((a, o));
+    }
+    parts
+        .into_iter()
+        .map(|(sig, part)| {
+            let cidrs: Vec<String> = sig.0.iter().map(|c| c.to_string()).collect();
+            let split = serde_json::json!({"cidrs": cidrs, "ports": sig.1}).to_string();
+            (format!("{key}|{split}"), part)
+        })
+        .collect()
 }
 
 /// Who owns each address: nodes first (hostNetwork pods are their node), then running pods in

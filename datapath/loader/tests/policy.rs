@@ -85,6 +85,18 @@ fn allow_ingress(dp: &mut Datapath, peer: u32, proto: u8, port: u16, bits: u32, 
     .unwrap();
 }
 
+/// Allows PEER to port 80 under rule 7 and opens a flow from it (the SYN passes); returns
+/// the flow's data packets in and out.
+fn open_flow(dp: &mut Datapath) -> (Vec<u8>, Vec<u8>) {
+    allow_ingress(dp, PEER_IDENTITY, TCP, 80, 16, 7);
+    bump(dp);
+    assert_eq!(run(dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
+    (
+        packet(v4(PEER), v4(ME), tcp(ACK, 40000, 80)),
+        packet(v4(ME), v4(PEER), tcp(ACK, 80, 40000)),
+    )
+}
+
 #[test]
 fn allow_deny_and_default_deny_with_attribution() {
     let (_root, mut dp) = setup("allow", &[INGRESS]);
@@ -262,11 +274,7 @@ fn icmp_error_of_a_tracked_flow_passes() {
 #[test]
 fn revision_recheck_revokes_open_flows() {
     let (_root, mut dp) = setup("revoke", &[INGRESS]);
-    allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 7);
-    bump(&mut dp);
-    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
-    let data_in = packet(v4(PEER), v4(ME), tcp(ACK, 40000, 80));
-    let data_out = packet(v4(ME), v4(PEER), tcp(ACK, 80, 40000));
+    let (data_in, data_out) = open_flow(&mut dp);
     assert_eq!(run(&dp, Hook::ToEndpoint, &data_in), OK);
     assert_eq!(
         verdicts(&dp, INGRESS, verdict::FORWARDED, reason::ESTABLISHED),
@@ -302,11 +310,7 @@ fn revision_recheck_revokes_open_flows() {
 #[test]
 fn a_syn_reusing_a_tracked_flows_ports_opens_a_new_flow() {
     let (_root, mut dp) = setup("reuse", &[INGRESS]);
-    allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 7);
-    bump(&mut dp);
-    let data_in = packet(v4(PEER), v4(ME), tcp(ACK, 40000, 80));
-    let data_out = packet(v4(ME), v4(PEER), tcp(ACK, 80, 40000));
-    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
+    let (data_in, data_out) = open_flow(&mut dp);
     // Revoked: the entry is marked denied, both ways.
     dp.apply(&[MapOp::PolicyRemove(pkey(
         RULESET,
@@ -635,11 +639,7 @@ fn an_interface_that_loses_its_endpoint_ends_its_flows() {
     // endpoint is gone and the batch's revision is bumped, the next forward packet fails
     // closed, and replies follow it.
     let (_root, mut dp) = setup("lostep", &[INGRESS]);
-    allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 7);
-    bump(&mut dp);
-    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
-    let data_in = packet(v4(PEER), v4(ME), tcp(ACK, 40000, 80));
-    let data_out = packet(v4(ME), v4(PEER), tcp(ACK, 80, 40000));
+    let (data_in, data_out) = open_flow(&mut dp);
     assert_eq!(run(&dp, Hook::ToEndpoint, &data_in), OK);
     dp.apply(&[MapOp::EndpointRemove(IFINDEX)]).unwrap();
     bump(&mut dp);

@@ -38,10 +38,9 @@ pub struct Reconciler {
     dp: Datapath,
     node: String,
     state_dir: PathBuf,
-    /// The incremental compiler, whose allocations are the ones in use.
+    /// The incremental compiler, whose allocations are the ones in use (its state is empty
+    /// until the first compile).
     compiler: Compiler,
-    /// Whether the compiler has compiled once (its state is then the desired state).
-    compiled: bool,
     /// The allocations as last saved.
     saved: Allocations,
     realized: RealizedState,
@@ -105,7 +104,6 @@ impl Reconciler {
             node,
             state_dir: state_dir.to_owned(),
             compiler: Compiler::new(compile_cfg, alloc.clone()),
-            compiled: false,
             saved: alloc,
             realized: RealizedState::default(),
             in_sync: false,
@@ -132,11 +130,7 @@ impl Reconciler {
 
     fn snapshot(&self) -> Snapshot {
         let dp = &self.dp;
-        let rules = if self.compiled {
-            self.compiler.state().rules.clone()
-        } else {
-            BTreeMap::new()
-        };
+        let rules = self.compiler.state().rules.clone();
         let m = &self.realized.maps;
         let exact_ip = m
             .ipcache
@@ -242,7 +236,6 @@ impl Reconciler {
                 return;
             }
         };
-        self.compiled = true;
         // Numbers the maps are about to refer to must survive a crash right after.
         let alloc = self.compiler.allocations();
         if *alloc != self.saved {

@@ -360,6 +360,8 @@ struct Built {
     ipcache: Option<BTreeMap<IpNet, IpcacheValue>>,
     ipcache_patch: Vec<(IpNet, IpcacheValue)>,
     subjects: BTreeMap<u32, Arc<Content>>,
+    /// How `subjects` differs from the last compile's.
+    subject_changes: Vec<SubjectChange>,
     prefilter: BTreeMap<IpNet, u32>,
     /// Policy entries per map after the patch.
     fill: [usize; 6],
@@ -976,9 +978,10 @@ impl Compiler {
         fill[2] = endpoint_map.len();
         let (mut exact, mut prefixes) =
             (self.state.maps.exact.len(), self.state.maps.prefixes.len());
-        for (old_or_new, sign) in subject_changes(&self.memo.subjects, &subjects) {
-            let (e, p) = entry_counts(&old_or_new.0.policy.content);
-            if sign {
+        let subject_changes = subject_changes(&self.memo.subjects, &subjects);
+        for c in &subject_changes {
+            let (e, p) = entry_counts(&c.content.policy.content);
+            if c.added {
                 exact += e;
                 prefixes += p;
             } else {
@@ -1016,6 +1019,7 @@ impl Compiler {
             ipcache,
             ipcache_patch: ipcache_patch.unwrap_or_default(),
             subjects,
+            subject_changes,
             prefilter,
             fill,
         }))
@@ -1053,10 +1057,9 @@ impl Compiler {
 
         let mut exact: BTreeMap<PolicyKey, Option<PolicyValue>> = BTreeMap::new();
         let mut prefixes: BTreeMap<(PolicyKey, u32), Option<PolicyValue>> = BTreeMap::new();
-        let changed = subject_changes(&self.memo.subjects, &built.subjects);
-        for &(c, added) in &changed {
-            let subject = c.1;
-            for (k, v, len) in entries(subject, &c.0.policy.content) {
+        for c in &built.subject_changes {
+            let (subject, added) = (c.subject, c.added);
+            for (k, v, len) in entries(subject, &c.content.policy.content) {
                 let v = added.then_some(v);
                 if len == moat_common::policy_prefix::FULL {
                     // A key both removed (old content) and added (new) keeps the added value.
@@ -1079,7 +1082,12 @@ impl Compiler {
 
         // L7 rules of the subjects that went (removals come first), then of those that came
         // (keys order by subject first).
-        for ((c, subject), added) in &changed {
+        for SubjectChange {
+            content: c,
+            subject,
+            added,
+        } in &built.subject_changes
+        {
             if *added {
                 for (&(direction, peer, first_port, last_port), matchers) in &c.policy.content.l7 {
                     state.l7.insert(
@@ -1309,24 +1317,39 @@ impl Dirty<'_> {
     }
 }
 
+/// A rule set that goes (its old content) or comes (its new content).
+struct SubjectChange {
+    content: Arc<Content>,
+    subject: u32,
+    added: bool,
+}
+
 /// Old contents that go (false) and new ones that come (true), with their subject numbers:
 /// a subject whose number names the same content in both is left alone.
-fn subject_changes<'a>(
-    old: &'a BTreeMap<u32, Arc<Content>>,
-    new: &'a BTreeMap<u32, Arc<Content>>,
-) -> Vec<((&'a Arc<Content>, u32), bool)> {
+fn subject_changes(
+    old: &BTreeMap<u32, Arc<Content>>,
+    new: &BTreeMap<u32, Arc<Content>>,
+) -> Vec<SubjectChange> {
     let same = |a: &Arc<Content>, b: &Arc<Content>| {
         Arc::ptr_eq(a, b) || a.policy.content == b.policy.content
     };
     let mut out = Vec::new();
     for (s, c) in old {
         if !new.get(s).is_some_and(|n| same(c, n)) {
-            out.push(((c, *s), false));
+            out.push(SubjectChange {
+                content: c.clone(),
+                subject: *s,
+                added: false,
+            });
         }
     }
     for (s, c) in new {
         if !old.get(s).is_some_and(|o| same(o, c)) {
-            out.push(((c, *s), true));
+            out.push(SubjectChange {
+                content: c.clone(),
+                subject: *s,
+                added: true,
+            });
         }
     }
     out
