@@ -17,7 +17,9 @@ use aya::programs::{
     xdp::XdpMode,
 };
 
-use crate::{Datapath, Error, FROM_ENDPOINT, FROM_UPLINK, PREFILTER, Result, TO_ENDPOINT, io_err};
+use crate::{
+    Datapath, Error, FLOOR, FROM_ENDPOINT, FROM_UPLINK, PREFILTER, Result, TO_ENDPOINT, io_err,
+};
 
 fn attach_err<'a>(what: &'static str, ifname: &'a str) -> impl FnOnce(String) -> Error + 'a {
     move |detail| Error::Attach {
@@ -46,13 +48,34 @@ impl Datapath {
             (TcAttachType::Ingress, FROM_ENDPOINT),
             (TcAttachType::Egress, TO_ENDPOINT),
         ] {
-            self.attach_tc(ifname, hook, name)?;
+            self.attach_tc(ifname, hook, name, name)?;
         }
         Ok(())
     }
 
-    fn attach_tc(&mut self, ifname: &str, hook: TcAttachType, name: &'static str) -> Result<()> {
-        let pin = self.link_pin(ifname, name);
+    /// Attach the empty `floor` program where `attach_endpoint` attaches the endpoint programs
+    /// (TC ingress and egress), for benchmarks: what any TC-based enforcement costs before it
+    /// does anything. Links are pinned like the others (`floor-ingress@…`, `floor-egress@…`)
+    /// and go with [`Datapath::reset`].
+    pub fn attach_floor(&mut self, ifname: &str) -> Result<()> {
+        for (hook, label) in [
+            (TcAttachType::Ingress, "floor-ingress"),
+            (TcAttachType::Egress, "floor-egress"),
+        ] {
+            self.attach_tc(ifname, hook, FLOOR, label)?;
+        }
+        Ok(())
+    }
+
+    /// Attach program `name` to `hook` of `ifname`, its link pinned as `<label>@<ifname>`.
+    fn attach_tc(
+        &mut self,
+        ifname: &str,
+        hook: TcAttachType,
+        name: &'static str,
+        label: &str,
+    ) -> Result<()> {
+        let pin = self.link_pin(ifname, label);
         let prog_id = self
             .programs
             .tc(name)
@@ -112,7 +135,7 @@ impl Datapath {
     /// Attach the uplink programs: the XDP prefilter and `from_uplink` (TC ingress, L7
     /// steering for flows from other nodes). Idempotent like `attach_endpoint`.
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
-        self.attach_tc(ifname, TcAttachType::Ingress, FROM_UPLINK)?;
+        self.attach_tc(ifname, TcAttachType::Ingress, FROM_UPLINK, FROM_UPLINK)?;
         self.attach_xdp(ifname)
     }
 

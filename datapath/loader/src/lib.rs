@@ -204,8 +204,8 @@ impl Datapath {
         &self.layout_dir
     }
 
-    /// Kernel ids of the loaded programs (from-endpoint, to-endpoint, prefilter).
-    pub fn program_ids(&self) -> Result<[u32; 3]> {
+    /// Kernel ids of the loaded programs (from-endpoint, to-endpoint, prefilter, floor).
+    pub fn program_ids(&self) -> Result<[u32; 4]> {
         let id = |name, r: Result<aya::programs::ProgramInfo, _>| {
             r.map(|i| i.id())
                 .map_err(|source| Error::Program { name, source })
@@ -214,6 +214,7 @@ impl Datapath {
             id(FROM_ENDPOINT, self.programs.from_endpoint.info())?,
             id(TO_ENDPOINT, self.programs.to_endpoint.info())?,
             id(PREFILTER, self.programs.prefilter.info())?,
+            id(FLOOR, self.programs.floor.info())?,
         ])
     }
 
@@ -279,11 +280,14 @@ impl Programs {
         })
     }
 
+    /// A TC program by its name in the object (one of the constants above).
     fn tc(&mut self, name: &str) -> &mut SchedClassifier {
         match name {
+            FROM_ENDPOINT => &mut self.from_endpoint,
             TO_ENDPOINT => &mut self.to_endpoint,
             FROM_UPLINK => &mut self.from_uplink,
-            _ => &mut self.from_endpoint,
+            FLOOR => &mut self.floor,
+            _ => unreachable!("{name} is not one of moat's TC programs"),
         }
     }
 }

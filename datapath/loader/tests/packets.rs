@@ -134,6 +134,29 @@ fn reachability_follows_map_contents() {
     assert!(tcp_reaches(&a.ns, sock(b.ip4, 8080)));
 }
 
+/// The benchmarks' baseline: `attach_floor` puts the empty program where the endpoint
+/// programs go, and it passes what they would drop.
+#[test]
+fn the_floor_sits_at_the_endpoint_hooks_and_passes_everything() {
+    let node = Node::new(2, 1);
+    let root = PinRoot::new("floor");
+    let (a, b) = (&node.pods[0], &node.pods[1]);
+    echo_servers(&b.ns, 8080);
+    let mut dp = root.open();
+    // b isolated for ingress with nothing allowed: its to-endpoint would drop a's connection.
+    program_node(&mut dp, &node, true);
+    let floor = dp.program_ids().unwrap()[3];
+    let b_if = b.host_if.clone();
+    let attached = in_ns(&node.ns, move || {
+        let mut dp = dp;
+        dp.attach_floor(&b_if).unwrap();
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .map(|h| Datapath::tcx_program_ids(&b_if, h).unwrap())
+    });
+    assert_eq!(attached, [vec![floor], vec![floor]]);
+    assert!(tcp_reaches(&a.ns, sock(b.ip4, 8080)));
+}
+
 /// Not a test on its own: the loading process of `survives_kill_of_the_loading_process`,
 /// run as a child with `--ignored`. It adopts or creates the pins, attaches, programs the
 /// node, reports ready and waits to be killed.
