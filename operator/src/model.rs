@@ -106,8 +106,11 @@ pub enum Policy {
 }
 
 /// Which kind a policy is (also the `kind` label of per-rule metrics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum PolicyKind {
+    #[default]
     NetworkPolicy,
     MoatNetworkPolicy,
     MoatClusterNetworkPolicy,
@@ -123,8 +126,9 @@ impl PolicyKind {
     }
 }
 
-/// A policy's identity: kind, namespace (empty for cluster-scoped) and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// A policy's identity: kind, namespace (empty for cluster-scoped) and name. (The default,
+/// an unnamed NetworkPolicy, stands for "not reported": see `AgentStatus`.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PolicyRef {
     pub kind: PolicyKind,
     pub namespace: String,

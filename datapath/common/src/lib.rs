@@ -261,6 +261,19 @@ pub struct PolicyValue {
     pub audit_rule_id: u32,
 }
 
+impl PolicyValue {
+    /// An entry on which Enforce and Enforce+Audit agree: `action` by `rule_id`, no proxy.
+    pub const fn enforced(action: u8, rule_id: u32) -> Self {
+        PolicyValue {
+            action,
+            audit_action: action,
+            proxy_port: 0,
+            rule_id,
+            audit_rule_id: rule_id,
+        }
+    }
+}
+
 /// Conntrack key, per endpoint. Ports in network byte order as on the wire; for ICMP echo the
 /// identifier is both ports. IPv4 addresses use the first word, the rest zero.
 #[repr(C)]

@@ -89,16 +89,6 @@ fn entry(subject: u32, peer: u32, port: u16, prefix_len: u32) -> PolicyEntryKey 
     }
 }
 
-fn allow(rule_id: u32) -> PolicyValue {
-    PolicyValue {
-        action: action::ALLOW,
-        audit_action: action::ALLOW,
-        proxy_port: 0,
-        rule_id,
-        audit_rule_id: rule_id,
-    }
-}
-
 /// Fill the maps: `size.policy` entries over other rule sets of 10 (every 5th a port range
 /// in the trie, the rest exact ports in the hash); the subject's own set has an exact-peer and
 /// an any-peer entry, so its deny takes both hash probes. `size.ipcache` prefixes: 90% exact
@@ -119,11 +109,11 @@ fn fill(dp: &mut Datapath, size: &Size) {
     )];
     ops.push(MapOp::PolicyUpsert(
         entry(SUBJECT, FRIEND_IDENTITY, 80, policy_prefix::FULL),
-        allow(3),
+        PolicyValue::enforced(action::ALLOW, 3),
     ));
     ops.push(MapOp::PolicyUpsert(
         entry(SUBJECT, identity::ANY, 443, policy_prefix::FULL),
-        allow(4),
+        PolicyValue::enforced(action::ALLOW, 4),
     ));
     for k in 0..size.policy.saturating_sub(2) {
         let subject = SUBJECT + 1 + k / 10;
@@ -136,7 +126,7 @@ fn fill(dp: &mut Datapath, size: &Size) {
         };
         ops.push(MapOp::PolicyUpsert(
             entry(subject, peer, port, prefix),
-            allow(5 + k % 1000),
+            PolicyValue::enforced(action::ALLOW, 5 + k % 1000),
         ));
     }
     let peer = |identity| IpcacheValue {
@@ -284,7 +274,11 @@ fn main() {
         );
         // A port range in the subject's own rule set: both trie probes join the path.
         let range = entry(SUBJECT, FRIEND_IDENTITY, 2048, policy_prefix::PROTOCOL + 5);
-        dp.apply(&[MapOp::PolicyUpsert(range, allow(6))]).unwrap();
+        dp.apply(&[MapOp::PolicyUpsert(
+            range,
+            PolicyValue::enforced(action::ALLOW, 6),
+        )])
+        .unwrap();
         record(
             "tc_full_lookup_deny_with_ranges",
             measure(&mut dp, &mut events, Hook::ToEndpoint, &deny, Some(dd)),

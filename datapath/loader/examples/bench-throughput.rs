@@ -475,16 +475,6 @@ fn policy_key(subject: u32, peer: u32, dir: u8, proto: u8, port: u16) -> PolicyK
     }
 }
 
-fn allow(rule_id: u32) -> PolicyValue {
-    PolicyValue {
-        action: action::ALLOW,
-        audit_action: action::ALLOW,
-        proxy_port: 0,
-        rule_id,
-        audit_rule_id: rule_id,
-    }
-}
-
 /// `n` other entries of a rule set in `dir`: the first allows any peer (UDP 53), every tenth
 /// covers a port range (in the trie), the rest allow one peer on one port (exact hash). So a
 /// new flow takes every probe moat has: exact and any-peer, hash and trie.
@@ -510,7 +500,7 @@ fn other_entries(subject: u32, dir: u8, n: u32, ops: &mut Vec<MapOp>) {
         };
         ops.push(MapOp::PolicyUpsert(
             PolicyEntryKey { key, prefix_len },
-            allow(RULE_OTHER + k % 1000),
+            PolicyValue::enforced(action::ALLOW, RULE_OTHER + k % 1000),
         ));
     }
 }
@@ -568,7 +558,7 @@ fn moat_state(lab: &Lab, others: u32) -> Vec<MapOp> {
                 key: policy_key(subject, peer, dir, proto, port),
                 prefix_len: policy_prefix::FULL,
             },
-            allow(rule),
+            PolicyValue::enforced(action::ALLOW, rule),
         ));
     }
     other_entries(SERVER_EP, ing, others, &mut ops);

@@ -1,11 +1,13 @@
 //! What the agent reports about itself: published by the reconciler on a watch channel and
-//! read by the control socket, `moat status`, the kube status writer and the metrics.
-use serde::Serialize;
+//! read by the control socket, `moat status`, the kube status writer and the metrics. The
+//! control socket's `/status` is this, as JSON, and its client reads it back into the same
+//! types (without the policy references, which the JSON leaves out: `reference` names them).
+use serde::{Deserialize, Serialize};
 
 use crate::model::PolicyRef;
 
 /// One policy as this agent sees it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyReport {
     /// `Kind namespace/name` (or `Kind name` for cluster-scoped kinds).
     pub reference: String,
@@ -22,7 +24,7 @@ pub struct PolicyReport {
 /// A policy that is valid but does not fit this node's maps: nothing already enforced
 /// changed. Reported as a Kubernetes Event on the policy naming the node (standalone: the
 /// log and `moat status`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Overflow {
     pub reference: String,
     #[serde(skip)]
@@ -31,7 +33,8 @@ pub struct Overflow {
 }
 
 /// The agent's state, replaced as a whole on every change.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AgentStatus {
     pub node: String,
     /// Digest of the source state last read.
@@ -49,4 +52,52 @@ pub struct AgentStatus {
     pub overflows: Vec<Overflow>,
     /// Source errors (file, line, reason) and reconcile errors.
     pub errors: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PolicyKind;
+
+    /// `moat status` reads back what `/status` serves: everything but the references, which
+    /// `reference` spells out.
+    #[test]
+    fn the_status_json_reads_back_without_the_references() {
+        let policy = PolicyRef {
+            kind: PolicyKind::MoatNetworkPolicy,
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let status = AgentStatus {
+            node: "node-1".into(),
+            programmed_digest: Some("abc".into()),
+            revision: 7,
+            ready: true,
+            policies: vec![PolicyReport {
+                reference: policy.to_string(),
+                policy: policy.clone(),
+                generation: Some(3),
+                accepted: false,
+                message: "spec.ingress[0]: bad port".into(),
+                selected_endpoints: 2,
+            }],
+            overflows: vec![Overflow {
+                reference: policy.to_string(),
+                policy,
+                message: "policy map full".into(),
+            }],
+            errors: vec!["x".into()],
+            ..AgentStatus::default()
+        };
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(!json.contains("\"policy\""), "{json}");
+        let read: AgentStatus = serde_json::from_str(&json).unwrap();
+        let mut expected = status;
+        expected.policies[0].policy = PolicyRef::default();
+        expected.overflows[0].policy = PolicyRef::default();
+        assert_eq!(read, expected);
+        // An agent of an earlier version may leave fields out.
+        let partial: AgentStatus = serde_json::from_str(r#"{"node":"n"}"#).unwrap();
+        assert_eq!(partial.node, "n");
+    }
 }

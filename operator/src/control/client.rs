@@ -1,44 +1,10 @@
 //! Reading an agent's control socket.
 use std::path::Path;
 
+use crate::agent::status::AgentStatus;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-
-/// What an agent reports (the JSON of `/status`).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct Status {
-    pub node: String,
-    pub source_digest: Option<String>,
-    pub programmed_digest: Option<String>,
-    pub revision: u32,
-    pub ready: bool,
-    pub local_endpoints: usize,
-    pub identities: usize,
-    pub map_writes: u64,
-    pub policies: Vec<PolicyStatus>,
-    pub overflows: Vec<OverflowStatus>,
-    pub errors: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct PolicyStatus {
-    pub reference: String,
-    pub generation: Option<i64>,
-    pub accepted: bool,
-    pub message: String,
-    pub selected_endpoints: usize,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct OverflowStatus {
-    pub reference: String,
-    pub message: String,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -114,7 +80,7 @@ pub async fn get_lines(
 }
 
 /// The agent's status.
-pub async fn status(socket: &Path) -> Result<Status, ClientError> {
+pub async fn status(socket: &Path) -> Result<AgentStatus, ClientError> {
     let (code, body) = get(socket, "/status").await?;
     if code != 200 {
         return Err(ClientError::Status {

@@ -3,7 +3,8 @@
 //! made in), polling agents' control sockets, and raw HTTP on a stream.
 #![allow(dead_code)]
 
-use moat::control::client::{self, Status};
+use moat::agent::status::AgentStatus;
+use moat::control::client;
 use moat::lab::agents::{self, Agent, AgentSpec};
 use moat::lab::state::LabState;
 use moat::lab::{Lab, LabOptions, LabScenario, ProbeOptions, netns};
@@ -40,7 +41,7 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-pub fn status_of(socket: &Path) -> Status {
+pub fn status_of(socket: &Path) -> AgentStatus {
     rt().block_on(client::status(socket)).expect("agent status")
 }
 
@@ -198,7 +199,7 @@ pub fn dir_digest(lab: &Lab) -> String {
 }
 
 /// Wait until the agent on `socket` reports the current source digest as programmed.
-pub fn wait_digest(lab: &Lab, socket: &Path) -> Status {
+pub fn wait_digest(lab: &Lab, socket: &Path) -> AgentStatus {
     let want = dir_digest(lab);
     poll(
         &format!("agent at {} to program {want}", socket.display()),

@@ -80,13 +80,7 @@ pub fn pkey(
 }
 
 pub fn pval(action: u8, rule_id: u32) -> PolicyValue {
-    PolicyValue {
-        action,
-        audit_action: action,
-        proxy_port: 0,
-        rule_id,
-        audit_rule_id: rule_id,
-    }
+    PolicyValue::enforced(action, rule_id)
 }
 
 /// An endpoint isolated in the given directions, with isolating rule ids 900 + direction.
