@@ -8,6 +8,7 @@ use l7_support::*;
 use moat::compiler::{HttpMatcher, L7Key};
 use moat::l7::{Direction, L7Verdict, ProxyConfig, RequestKey};
 use moat_common::{direction, identity};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const SHORT: Duration = Duration::from_millis(300);
@@ -571,6 +572,41 @@ async fn l7_graceful_shutdown() {
         .unwrap()
         .unwrap();
     assert!(tokio::net::TcpStream::connect(h.addr).await.is_err());
+}
+
+/// Connections handed to several worker threads are each served to the end, and shutdown
+/// closes them on every worker.
+#[tokio::test]
+async fn l7_workers_serve_their_connections_and_all_drain_on_shutdown() {
+    let cfg = ProxyConfig {
+        workers: 3,
+        ..ProxyConfig::unprivileged()
+    };
+    let h = Harness::start_with(&state(Some(vec![matcher(1)]), None), cfg).await;
+    let mut clients = Vec::new();
+    for _ in 0..7 {
+        let mut c = h.client().await;
+        c.send(&get("/x")).await;
+        expect_status(&mut c, 200).await;
+        clients.push(c);
+    }
+    for c in &mut clients {
+        c.send(&get("/x")).await;
+        expect_status(c, 200).await;
+    }
+    assert_eq!(h.upstream.requests().len(), 14);
+    h.shutdown.cancel();
+    for c in &mut clients {
+        assert!(c.closed_within(Duration::from_secs(3)).await);
+    }
+    tokio::time::timeout(Duration::from_secs(3), h.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let stats = &h.stats;
+    assert_eq!(stats.connections_accepted.load(Ordering::Relaxed), 7);
+    assert_eq!(stats.connections_active.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
