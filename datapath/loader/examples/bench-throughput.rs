@@ -14,8 +14,10 @@
 //! Every measurement is checked: the filter holds the intended rules, and its counters (and
 //! the node's veth counters) prove that the traffic crossed it and was accepted by the rule
 //! meant to accept it — for moat, per-rule counters at both ends, no drops, and for new
-//! connections one full policy lookup per connection at each end. Once per configuration a
-//! connection to a port no rule allows must be dropped.
+//! connections one full policy lookup per connection at each end. The floor has no rules and
+//! no counters: its program ids must be the ones on the four hooks, and the veth counters
+//! prove the traffic crossed them. Once per configuration a connection to a port no rule
+//! allows must be dropped (with no filter, or the floor, it is refused by the server).
 //!
 //! Writes `$CARGO_TARGET_DIR/bench/throughput.json` (../shared/notes/benchmarks.md). Run as
 //! root. `MOAT_BENCH_RUNS` (default 3), `MOAT_BENCH_SECONDS` (default 10),
