@@ -224,12 +224,7 @@ pub fn assign(
     alloc: &Allocations,
 ) -> Result<(IdentityTable, NumberPool, NumberPool), Exhausted> {
     let owners = address_owners(model);
-    let ns_labels: BTreeMap<&str, &Labels> = model
-        .namespaces
-        .iter()
-        .map(|n| (n.name.as_str(), &n.labels))
-        .collect();
-    let empty = Labels::new();
+    let keys = LabelKeys::new(model);
 
     // Group addresses by label key, with the discriminator each would need. Pods with equal
     // labels in one namespace share their key, which is made once per such group.
@@ -238,13 +233,7 @@ pub fn assign(
         ("reserved:host".into(), Vec::new()),
         ("reserved:remote-node".into(), Vec::new()),
     ];
-    let label_key = |ep: &Endpoint| {
-        let nsl = ns_labels
-            .get(ep.namespace.as_str())
-            .copied()
-            .unwrap_or(&empty);
-        label_key(&ep.namespace, nsl, &ep.labels)
-    };
+    let label_key = |ep: &Endpoint| keys.key(&ep.namespace, &ep.labels);
     let mut pod_groups: HashMap<(&str, &Labels), usize> = HashMap::new();
     // Group and named ports of each pod, for its second address.
     let mut pod_sig: Vec<Option<(usize, Vec<Option<u16>>)>> = vec![None; model.endpoints.len()];
@@ -496,16 +485,11 @@ pub fn relabel(
     }
 
     // Keyed as `assign` keys them.
-    let ns_labels: BTreeMap<&str, &Labels> = model
-        .namespaces
-        .iter()
-        .map(|n| (n.name.as_str(), &n.labels))
-        .collect();
-    let empty = Labels::new();
+    let keys = LabelKeys::new(model);
     let mut keyed: Vec<(String, Vec<(IpAddr, usize)>)> = Vec::new();
     for ((ns, labels), mut members) in groups {
         members.sort_by_key(|m| m.0);
-        let key = label_key(ns, ns_labels.get(ns).copied().unwrap_or(&empty), labels);
+        let key = keys.key(ns, labels);
         keyed.extend(parts(key, members));
     }
     let old_keys: BTreeSet<String> = pool
@@ -558,9 +542,34 @@ pub fn relabel(
 /// pod's numbers for the named ports egress rules use.
 pub type Sig = (Vec<IpNet>, Vec<Option<u16>>);
 
-/// The pool key of a label set: pods with equal labels in one namespace share it.
-fn label_key(namespace: &str, ns_labels: &Labels, labels: &Labels) -> String {
-    serde_json::json!({"ns": namespace, "nsLabels": ns_labels, "labels": labels}).to_string()
+/// Pool keys of label sets: pods with equal labels in one namespace share one. A key is made
+/// of the namespace's name and labels (looked up in the model; a namespace it does not list
+/// has none) and the pod's labels.
+struct LabelKeys<'a> {
+    namespaces: BTreeMap<&'a str, &'a Labels>,
+    none: Labels,
+}
+
+impl<'a> LabelKeys<'a> {
+    fn new(model: &'a Model) -> Self {
+        LabelKeys {
+            namespaces: model
+                .namespaces
+                .iter()
+                .map(|n| (n.name.as_str(), &n.labels))
+                .collect(),
+            none: Labels::new(),
+        }
+    }
+
+    fn key(&self, namespace: &str, labels: &Labels) -> String {
+        let ns_labels = self
+            .namespaces
+            .get(namespace)
+            .copied()
+            .unwrap_or(&self.none);
+        serde_json::json!({"ns": namespace, "nsLabels": ns_labels, "labels": labels}).to_string()
+    }
 }
 
 /// The identities of one label set (pool key `key`), each with its members: one when all

@@ -382,6 +382,12 @@ impl Lab {
         wait_listening(&self.server, "tcp", HTTP_PORT);
     }
 
+    /// A datapath under the lab's pin root with nothing left from an earlier configuration.
+    fn fresh_datapath(&self) -> Datapath {
+        let _ = Datapath::reset(&self.pins);
+        Datapath::open(&self.pins).expect("open datapath")
+    }
+
     fn ifindex(&self, ifname: &str) -> u32 {
         let _in = Entered::new(&self.node);
         moat_datapath::ifindex(ifname).expect("ifindex")
@@ -680,16 +686,14 @@ impl Active {
         match filter {
             Filter::None => Active::None,
             Filter::Floor => {
-                let _ = Datapath::reset(&lab.pins);
-                let mut dp = Datapath::open(&lab.pins).expect("open datapath");
+                let mut dp = lab.fresh_datapath();
                 let _in = Entered::new(&lab.node);
                 dp.attach_floor(&lab.client_if).expect("attach client");
                 dp.attach_floor(&lab.server_if).expect("attach server");
                 Active::Floor(Box::new(dp))
             }
             Filter::Moat(others) => {
-                let _ = Datapath::reset(&lab.pins);
-                let mut dp = Datapath::open(&lab.pins).expect("open datapath");
+                let mut dp = lab.fresh_datapath();
                 let events = dp.take_events().unwrap();
                 dp.apply(&moat_state(lab, others)).expect("fill maps");
                 {
@@ -735,7 +739,7 @@ impl Active {
             }
             Active::Floor(dp) => {
                 assert!(ruleset.trim().is_empty(), "stray nftables rules");
-                let floor = dp.program_ids().unwrap()[3];
+                let [.., floor] = dp.program_ids().unwrap();
                 assert_eq!(tcx, [floor; 4], "the floor on both veths, both directions");
             }
             Active::Moat(m) => {
@@ -881,12 +885,9 @@ impl Active {
     fn teardown(self, lab: &Lab) {
         match self {
             Active::None => {}
-            Active::Floor(dp) => {
-                drop(dp);
-                Datapath::reset(&lab.pins).expect("remove pins");
-            }
-            Active::Moat(m) => {
-                drop(m);
+            // The datapath's handles go before its pins.
+            datapath @ (Active::Floor(_) | Active::Moat(_)) => {
+                drop(datapath);
                 Datapath::reset(&lab.pins).expect("remove pins");
             }
             Active::Iptables | Active::Nft => {

@@ -145,7 +145,7 @@ fn the_floor_sits_at_the_endpoint_hooks_and_passes_everything() {
     let mut dp = root.open();
     // b isolated for ingress with nothing allowed: its to-endpoint would drop a's connection.
     program_node(&mut dp, &node, true);
-    let floor = dp.program_ids().unwrap()[3];
+    let [.., floor] = dp.program_ids().unwrap();
     let b_if = b.host_if.clone();
     let attached = in_ns(&node.ns, move || {
         let mut dp = dp;

@@ -1334,22 +1334,15 @@ fn subject_changes(
         Arc::ptr_eq(a, b) || a.policy.content == b.policy.content
     };
     let mut out = Vec::new();
-    for (s, c) in old {
-        if !new.get(s).is_some_and(|n| same(c, n)) {
-            out.push(SubjectChange {
-                content: c.clone(),
-                subject: *s,
-                added: false,
-            });
-        }
-    }
-    for (s, c) in new {
-        if !old.get(s).is_some_and(|o| same(o, c)) {
-            out.push(SubjectChange {
-                content: c.clone(),
-                subject: *s,
-                added: true,
-            });
+    for (from, to, added) in [(old, new, false), (new, old, true)] {
+        for (s, c) in from {
+            if !to.get(s).is_some_and(|t| same(c, t)) {
+                out.push(SubjectChange {
+                    content: c.clone(),
+                    subject: *s,
+                    added,
+                });
+            }
         }
     }
     out
