@@ -19,8 +19,14 @@
 //! prove the traffic crossed them. Once per configuration a connection to a port no rule
 //! allows must be dropped (with no filter, or the floor, it is refused by the server).
 //!
+//! After the judged runs, each metric is measured once more under `tc-floor` and `moat-10k`
+//! with the kernel's per-program run-time statistics on (`BPF_ENABLE_STATS`): the programs'
+//! time per run and as a share of the machine's busy CPU time. For CPU-bound traffic that
+//! share, over the floor's, is the most any cheaper datapath could give back — a figure that
+//! does not drown in the run-to-run spread of whole-system throughput on a shared VM.
+//!
 //! Writes `$CARGO_TARGET_DIR/bench/throughput.json` (../shared/notes/benchmarks.md). Run as
-//! root. `MOAT_BENCH_RUNS` (default 3), `MOAT_BENCH_SECONDS` (default 10),
+//! root. `MOAT_BENCH_RUNS` (default 5), `MOAT_BENCH_SECONDS` (default 10),
 //! `MOAT_BENCH_CONFIGS` and `MOAT_BENCH_METRICS` (comma-separated names, default all) shorten
 //! it for development.
 //! Placement is fixed, the same for every configuration: the clients (iperf3 -c, wrk) on CPU 0,
@@ -180,6 +186,16 @@ impl Metric {
             Metric::Tcp => "gbit_per_s",
             Metric::Udp => "packets_per_s",
             _ => "requests_per_s",
+        }
+    }
+
+    /// Its column heading in the printed table.
+    fn heading(self) -> &'static str {
+        match self {
+            Metric::Tcp => "TCP Gbit/s",
+            Metric::Udp => "UDP 64B pkt/s",
+            Metric::HttpKeepAlive => "HTTP k-a req/s",
+            Metric::HttpClose => "HTTP new req/s",
         }
     }
 
@@ -603,6 +619,8 @@ fn moat_state(lab: &Lab, others: u32) -> Vec<MapOp> {
 struct MoatCounters {
     verdicts: BTreeMap<VerdictCounterKey, u64>,
     rules: BTreeMap<RuleCounterKey, u64>,
+    /// Events emitted, and lost to a full ring buffer.
+    events: (u64, u64),
 }
 
 impl MoatCounters {
@@ -619,7 +637,12 @@ impl MoatCounters {
             .into_iter()
             .map(|(k, c)| (k, c.packets))
             .collect();
-        MoatCounters { verdicts, rules }
+        let e = dp.event_stats().unwrap();
+        MoatCounters {
+            verdicts,
+            rules,
+            events: (e.emitted, e.lost),
+        }
     }
 
     fn rule(&self, rule_id: u32, v: u8) -> u64 {
@@ -652,11 +675,56 @@ impl MoatCounters {
     }
 }
 
-/// moat in place: its maps, its event stream, and how many other entries each rule set has.
+/// moat in place: its maps, its event reader, and how many other entries each rule set has.
 struct Moat {
     dp: Datapath,
-    events: EventStream,
+    /// Reads until the configuration is torn down.
+    _events: EventReader,
     others: u32,
+}
+
+/// Reads moat's events the way the agent does — the async stream on a tokio runtime, woken
+/// by the kernel — so that what events cost a node, wake-ups included, is in the figures.
+struct EventReader {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventReader {
+    fn start(stream: EventStream) -> EventReader {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let mut events = stream.into_async().expect("event stream");
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        ev = events.next() => {
+                            ev.expect("event stream");
+                        }
+                    }
+                }
+            })
+        });
+        EventReader {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EventReader {
+    /// Stops the reader and closes its ring buffer (before the datapath's pins go).
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A configuration in place.
@@ -694,14 +762,18 @@ impl Active {
             }
             Filter::Moat(others) => {
                 let mut dp = lab.fresh_datapath();
-                let events = dp.take_events().unwrap();
+                let events = EventReader::start(dp.take_events().unwrap());
                 dp.apply(&moat_state(lab, others)).expect("fill maps");
                 {
                     let _in = Entered::new(&lab.node);
                     dp.attach_endpoint(&lab.client_if).expect("attach client");
                     dp.attach_endpoint(&lab.server_if).expect("attach server");
                 }
-                Active::Moat(Box::new(Moat { dp, events, others }))
+                Active::Moat(Box::new(Moat {
+                    dp,
+                    _events: events,
+                    others,
+                }))
             }
             Filter::Iptables => {
                 let rules = run_cmd(
@@ -819,6 +891,11 @@ impl Active {
                 }
                 let dropped = a.dropped() - b.dropped();
                 assert_eq!(dropped, 0, "{metric:?}: moat dropped packets");
+                // New connections emit events at both ends; the agent's reader keeps up.
+                if out.connections > 0 {
+                    assert!(a.events.0 > b.events.0, "{metric:?}: no events emitted");
+                }
+                assert_eq!(a.events.1, b.events.1, "{metric:?}: events lost");
                 for dir in [direction::INGRESS, direction::EGRESS] {
                     let new = a.verdict(dir, verdict::FORWARDED, reason::POLICY)
                         - b.verdict(dir, verdict::FORWARDED, reason::POLICY);
@@ -896,10 +973,18 @@ impl Active {
         }
     }
 
-    /// Read the ring buffer the way the agent does, so events cost what they cost there.
-    fn drain(&mut self) {
-        if let Active::Moat(m) = self {
-            m.events.drain();
+    /// The distinct programs this configuration attached (none for the kernel's firewalls).
+    fn program_ids(&self) -> Vec<u32> {
+        match self {
+            Active::Floor(dp) => {
+                let [.., floor] = dp.program_ids().unwrap();
+                vec![floor]
+            }
+            Active::Moat(m) => {
+                let [from, to, ..] = m.dp.program_ids().unwrap();
+                vec![from, to]
+            }
+            Active::None | Active::Iptables | Active::Nft => Vec::new(),
         }
     }
 }
@@ -983,11 +1068,10 @@ fn probe(lab: &Lab, port: u16) -> Probe {
 
 // ---- the tools ----
 
-/// Wait for `child`, draining moat's events meanwhile; its stdout.
-fn wait_draining(mut child: Guarded, active: &mut Active, limit: Duration) -> Vec<u8> {
+/// Wait for `child`; its stdout.
+fn wait_output(mut child: Guarded, limit: Duration) -> Vec<u8> {
     let t = Instant::now();
     loop {
-        active.drain();
         if let Some(status) = child.0.try_wait().unwrap() {
             let mut out = Vec::new();
             std::io::Read::read_to_end(child.0.stdout.as_mut().unwrap(), &mut out).unwrap();
@@ -999,7 +1083,7 @@ fn wait_draining(mut child: Guarded, active: &mut Active, limit: Duration) -> Ve
     }
 }
 
-fn iperf(lab: &Lab, active: &mut Active, secs: u32, udp: bool) -> Outcome {
+fn iperf(lab: &Lab, secs: u32, udp: bool) -> Outcome {
     let port = IPERF_PORT.to_string();
     let mut server = Guarded(
         in_ns_cmd(&lab.server, &["iperf3", "-s", "-1", "-p", &port])
@@ -1037,7 +1121,7 @@ fn iperf(lab: &Lab, active: &mut Active, secs: u32, udp: bool) -> Outcome {
             .spawn()
             .unwrap(),
     );
-    let out = wait_draining(client, active, Duration::from_secs(secs as u64 + 30));
+    let out = wait_output(client, Duration::from_secs(secs as u64 + 30));
     server.stop();
     let v: Value = serde_json::from_slice(&out).expect("iperf3 JSON");
     assert!(v["error"].is_null(), "iperf3: {}", v["error"]);
@@ -1063,7 +1147,7 @@ fn iperf(lab: &Lab, active: &mut Active, secs: u32, udp: bool) -> Outcome {
     }
 }
 
-fn wrk(lab: &Lab, active: &mut Active, secs: u32, close: bool) -> Outcome {
+fn wrk(lab: &Lab, secs: u32, close: bool) -> Outcome {
     let dur = format!("{secs}s");
     let url = format!("http://{SERVER}:{HTTP_PORT}/index.html");
     // On CPU 0, nginx's worker on CPU 1 (see the module doc).
@@ -1079,12 +1163,7 @@ fn wrk(lab: &Lab, active: &mut Active, secs: u32, close: bool) -> Outcome {
             .spawn()
             .expect("wrk (`make debs`)"),
     );
-    let out = String::from_utf8(wait_draining(
-        child,
-        active,
-        Duration::from_secs(secs as u64 + 30),
-    ))
-    .unwrap();
+    let out = String::from_utf8(wait_output(child, Duration::from_secs(secs as u64 + 30))).unwrap();
     assert!(
         !out.contains("Non-2xx"),
         "wrk: responses other than 200:\n{out}"
@@ -1122,12 +1201,99 @@ fn wrk(lab: &Lab, active: &mut Active, secs: u32, close: bool) -> Outcome {
     }
 }
 
-fn measure(lab: &Lab, active: &mut Active, metric: Metric, secs: u32) -> Outcome {
+fn measure(lab: &Lab, metric: Metric, secs: u32) -> Outcome {
     match metric {
-        Metric::Tcp => iperf(lab, active, secs, false),
-        Metric::Udp => iperf(lab, active, secs, true),
-        Metric::HttpKeepAlive => wrk(lab, active, secs, false),
-        Metric::HttpClose => wrk(lab, active, secs, true),
+        Metric::Tcp => iperf(lab, secs, false),
+        Metric::Udp => iperf(lab, secs, true),
+        Metric::HttpKeepAlive => wrk(lab, secs, false),
+        Metric::HttpClose => wrk(lab, secs, true),
+    }
+}
+
+// ---- where the CPU goes ----
+
+/// Kernel time spent in programs `ids` and their runs, from the kernel's run-time statistics
+/// (counted only while `aya::sys::enable_stats` is held).
+fn program_time(ids: &[u32]) -> (Duration, u64) {
+    aya::programs::loaded_programs()
+        .map(|p| p.expect("program info"))
+        .filter(|p| ids.contains(&p.id()))
+        .fold((Duration::ZERO, 0), |(t, n), p| {
+            (t + p.run_time(), n + p.run_count())
+        })
+}
+
+/// CPU time each CPU spent busy so far (user, system, interrupts; not idle, not waiting for
+/// I/O, not stolen by the hypervisor), from /proc/stat.
+fn busy_cpus() -> Vec<Duration> {
+    // SAFETY: no arguments, no side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .map(|n| n.parse().unwrap())
+                .collect();
+            // user nice system idle iowait irq softirq steal ...
+            let ticks = f[0] + f[1] + f[2] + f[5] + f[6];
+            Duration::from_nanos(ticks * 1_000_000_000 / hz)
+        })
+        .collect()
+}
+
+/// One measurement with the programs' run-time statistics on.
+struct InSitu {
+    /// Mean kernel time of one program run.
+    ns_per_run: f64,
+    /// The programs' time as a share of the machine's busy CPU time over the measurement.
+    cpu_share: f64,
+    /// The programs' time as a share of the busiest CPU's busy time: what they take from that
+    /// CPU if they all ran there, as they nearly do when one CPU forwards all the traffic
+    /// (UDP one way: the client's CPU runs both hooks in its softirq).
+    busiest_cpu_share: f64,
+}
+
+/// Measures `metric` once under `cfg` with the kernel's per-program statistics on, to say how
+/// much of the machine's work the programs themselves are: for CPU-bound traffic, a datapath
+/// that cost nothing could gain at most that share over the one measured.
+fn in_situ(lab: &Lab, cfg: &Config, metric: Metric, secs: u32) -> InSitu {
+    let active = Active::setup(lab, cfg.filter);
+    active.check_rules(lab);
+    let ids = active.program_ids();
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let (t0, n0, b0) = {
+        let (t, n) = program_time(&ids);
+        (t, n, busy_cpus())
+    };
+    let before = active.before(lab);
+    let out = measure(lab, metric, secs);
+    let (t1, n1, b1) = {
+        let (t, n) = program_time(&ids);
+        (t, n, busy_cpus())
+    };
+    drop(stats);
+    active.check_after(lab, metric, &out, &before);
+    active.teardown(lab);
+    let (time, runs) = (t1 - t0, n1 - n0);
+    assert!(
+        runs > 0,
+        "{metric:?}: the programs of {} never ran",
+        cfg.name
+    );
+    let busy: Vec<f64> = b1
+        .iter()
+        .zip(&b0)
+        .map(|(a, b)| (*a - *b).as_secs_f64())
+        .collect();
+    let t = time.as_secs_f64();
+    InSitu {
+        ns_per_run: time.as_nanos() as f64 / runs as f64,
+        cpu_share: t / busy.iter().sum::<f64>(),
+        busiest_cpu_share: t / busy.iter().copied().fold(0.0, f64::max),
     }
 }
 
@@ -1206,7 +1372,7 @@ fn main() {
         0,
         "run as root (network namespaces, eBPF)"
     );
-    let runs = env_u32("MOAT_BENCH_RUNS", 3).max(1) as usize;
+    let runs = env_u32("MOAT_BENCH_RUNS", 5).max(1) as usize;
     let secs = env_u32("MOAT_BENCH_SECONDS", 10).max(1);
     let configs = selected("MOAT_BENCH_CONFIGS", &CONFIGS, |c| c.name);
     let metrics: Vec<Metric> = selected("MOAT_BENCH_METRICS", &METRICS, |m| m.name())
@@ -1225,13 +1391,13 @@ fn main() {
         for &metric in &metrics {
             for cfg in &configs {
                 check_interrupted();
-                let mut active = Active::setup(&lab, cfg.filter);
+                let active = Active::setup(&lab, cfg.filter);
                 active.check_rules(&lab);
                 if run == 0 && metric == metrics[0] {
                     active.check_denied(&lab);
                 }
                 let before = active.before(&lab);
-                let out = measure(&lab, &mut active, metric, secs);
+                let out = measure(&lab, metric, secs);
                 check_interrupted();
                 active.check_after(&lab, metric, &out, &before);
                 active.check_rules(&lab);
@@ -1252,6 +1418,35 @@ fn main() {
                     .or_default()
                     .push(out.value);
             }
+        }
+    }
+    // Once more per metric, for the configurations with programs of moat's, with the
+    // kernel's run-time statistics on. They add two clock reads to every program run, so
+    // these runs are reported beside the judged ones, never in them.
+    let profiled: Vec<&Config> = configs
+        .iter()
+        .copied()
+        .filter(|c| matches!(c.filter, Filter::Floor | Filter::Moat(10_000)))
+        .collect();
+    // in_situ[config][metric]
+    let mut in_situ_figures: BTreeMap<&str, BTreeMap<Metric, InSitu>> = BTreeMap::new();
+    for &metric in &metrics {
+        for cfg in &profiled {
+            check_interrupted();
+            let f = in_situ(&lab, cfg, metric, secs);
+            eprintln!(
+                "in situ {:<29} {:<13} {:>6.1} ns per program run, {:.2}% of busy CPU, \
+                 {:.2}% of the busiest CPU",
+                metric.name(),
+                cfg.name,
+                f.ns_per_run,
+                f.cpu_share * 100.0,
+                f.busiest_cpu_share * 100.0
+            );
+            in_situ_figures
+                .entry(cfg.name)
+                .or_default()
+                .insert(metric, f);
         }
     }
     let load_after = loadavg();
@@ -1289,6 +1484,61 @@ fn main() {
                     "runs": r.len(), "params": params(cfg.filter)}),
                 );
             }
+        }
+    }
+    for (cfg, by_metric) in &in_situ_figures {
+        for (m, f) in by_metric {
+            for (what, metric, value) in [
+                ("bpf_ns_per_run", "ns_per_program_run", f.ns_per_run),
+                ("bpf_cpu_share", "share_of_busy_cpu", f.cpu_share),
+                (
+                    "bpf_busiest_cpu_share",
+                    "share_of_busiest_cpu",
+                    f.busiest_cpu_share,
+                ),
+            ] {
+                results.push(json!({"name": format!("{cfg}/{}/{what}", m.name()),
+                    "metric": metric, "value": value, "min": value, "max": value, "runs": 1,
+                    "params": {"in_situ": true}}));
+            }
+        }
+    }
+    // What moat's work in its hooks costs beyond the empty programs' at the same hooks, as a
+    // share of the machine's CPU: the most a cheaper datapath could give back.
+    let mut in_situ_lines = Vec::new();
+    if let (Some(floor), Some(moat)) = (
+        in_situ_figures.get("tc-floor"),
+        in_situ_figures.get("moat-10k"),
+    ) {
+        for &m in &metrics {
+            let (f, x) = (&floor[&m], &moat[&m]);
+            let extra = x.cpu_share - f.cpu_share;
+            let extra_busiest = x.busiest_cpu_share - f.busiest_cpu_share;
+            for (what, metric, value) in [
+                ("bpf_cpu_share_over_floor", "share_of_busy_cpu", extra),
+                (
+                    "bpf_busiest_cpu_share_over_floor",
+                    "share_of_busiest_cpu",
+                    extra_busiest,
+                ),
+            ] {
+                results.push(json!({"name": format!("moat-10k/{}/{what}", m.name()),
+                    "metric": metric, "value": value, "min": value, "max": value, "runs": 1,
+                    "params": {"in_situ": true}}));
+            }
+            in_situ_lines.push(format!(
+                "{:<29} {:>5.1} / {:>5.1} ns per run; {:>4.2}% / {:>4.2}% of busy CPU \
+                 ({:+.2} points), {:>4.2}% / {:>4.2}% of the busiest ({:+.2})",
+                m.name(),
+                f.ns_per_run,
+                x.ns_per_run,
+                f.cpu_share * 100.0,
+                x.cpu_share * 100.0,
+                extra * 100.0,
+                f.busiest_cpu_share * 100.0,
+                x.busiest_cpu_share * 100.0,
+                extra_busiest * 100.0
+            ));
         }
     }
     // The smallest over the metrics of the median ratio `cfg` / `base`, and its metric.
@@ -1333,10 +1583,11 @@ fn main() {
     .collect();
 
     // The table: absolute medians, and each configuration relative to no filter.
-    println!(
-        "{:<13} {:>16} {:>16} {:>16} {:>16}",
-        "config", "TCP Gbit/s", "UDP 64B pkt/s", "HTTP k-a req/s", "HTTP new req/s"
-    );
+    let mut heading = format!("{:<13}", "config");
+    for m in &metrics {
+        heading.push_str(&format!(" {:>16}", m.heading()));
+    }
+    println!("{heading}");
     for cfg in &configs {
         let mut line = format!("{:<13}", cfg.name);
         for &m in &metrics {
@@ -1353,6 +1604,15 @@ fn main() {
     }
     for line in &floor_lines {
         println!("{line}");
+    }
+    if !in_situ_lines.is_empty() {
+        println!(
+            "in situ, tc-floor / moat-10k (kernel run-time statistics on, one run each, \
+             not judged):"
+        );
+    }
+    for line in &in_situ_lines {
+        println!("  {line}");
     }
     for t in &targets {
         println!(
@@ -1388,9 +1648,16 @@ fn main() {
             (iperf3 -A 0,1, wrk under taskset -c 0), servers on CPU 1 (one nginx worker). moat: \
             server ingress and client egress enforced, each flow allowed by one exact rule \
             among N other entries of the same rule set (one any-peer, every tenth a port \
-            range), 100,000 ipcache prefixes, events and per-rule counters on. Each run \
-            checked: rule counts, the node's veth counter, the accepting rule's counter (moat: \
-            both ends' rules, zero drops, one policy lookup per new connection at each end)"),
+            range), 100,000 ipcache prefixes, events (read by the agent's async reader) and \
+            per-rule counters on. Each run checked: rule counts, the node's veth counter, the \
+            accepting rule's counter (moat: both ends' rules, zero drops, one policy lookup per \
+            new connection at each end, no event lost). \
+            In situ (not judged): one more measurement per metric of tc-floor and moat-10k \
+            with BPF_ENABLE_STATS on; bpf_ns_per_run = the programs' kernel run time / their \
+            runs, bpf_cpu_share = that run time / the machine's busy CPU time (/proc/stat \
+            user+nice+system+irq+softirq) over the measurement, bpf_busiest_cpu_share = that \
+            run time / the busiest CPU's busy time (exact if every run was on that CPU, \
+            an upper bound of the share on any one CPU); *_over_floor: moat-10k minus tc-floor"),
         "machine": {"cpus": cpus, "kernel": kernel.trim(), "load_before": load_before,
             "load_after": load_after},
         "results": results,

@@ -1,11 +1,31 @@
 //! The ring buffer of verdict events, as an async stream.
-use std::collections::VecDeque;
+use std::{
+    collections::VecDeque,
+    os::fd::{AsFd, BorrowedFd},
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use moat_common::Event;
 use tokio::io::unix::AsyncFd;
 
 use crate::{Error, Result};
+
+/// How late the async reader may read an event: the datapath wakes it only once
+/// `capacity::EVENTS_WAKEUP_BYTES` are unread, and it looks on its own this often.
+pub const EVENT_FLUSH: Duration = Duration::from_millis(50);
+
+/// Moves every event the ring buffer holds into `pending`.
+fn read_ring(ring: &mut RingBuf<MapData>, pending: &mut VecDeque<Event>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<Event>() {
+            // SAFETY: the kernel wrote a whole `Event` (repr(C), any bit pattern valid); the
+            // record may not be aligned for it.
+            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+            pending.push_back(ev);
+        }
+    }
+}
 
 /// Verdict events in the order the kernel produced them. The kernel never blocks on a slow
 /// reader: a full buffer drops events and counts them (`Datapath::event_stats().lost`).
@@ -39,14 +59,7 @@ impl EventStream {
     }
 
     fn fill(&mut self) {
-        while let Some(item) = self.ring.next() {
-            if item.len() >= size_of::<Event>() {
-                // SAFETY: the kernel wrote a whole `Event` (repr(C), any bit pattern valid);
-                // the record may not be aligned for it.
-                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
-                self.pending.push_back(ev);
-            }
-        }
+        read_ring(&mut self.ring, &mut self.pending);
     }
 
     /// Wait for events and return them as they come (requires a tokio runtime).
@@ -58,6 +71,15 @@ impl EventStream {
             fd,
             pending: self.pending,
         })
+    }
+}
+
+/// The ring buffer's descriptor, for callers with their own event loop. Like the async
+/// stream, they are woken only once `capacity::EVENTS_WAKEUP_BYTES` are unread, and must look
+/// on their own for the rest.
+impl AsFd for EventStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
     }
 }
 
@@ -74,16 +96,15 @@ impl AsyncEventStream {
             if let Some(ev) = self.pending.pop_front() {
                 return Ok(ev);
             }
-            let mut guard = self.fd.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() >= size_of::<Event>() {
-                    // SAFETY: as in `EventStream::fill`.
-                    let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
-                    self.pending.push_back(ev);
-                }
+            read_ring(self.fd.get_mut(), &mut self.pending);
+            if !self.pending.is_empty() {
+                continue;
             }
-            guard.clear_ready();
+            // The datapath wakes this reader only once a batch has gathered (see its `emit`):
+            // wait for that, or look again after `EVENT_FLUSH`.
+            if let Ok(guard) = tokio::time::timeout(EVENT_FLUSH, self.fd.readable_mut()).await {
+                guard?.clear_ready();
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use aya_obj::programs::XdpAttachType;
-pub use events::{AsyncEventStream, EventStream};
+pub use events::{AsyncEventStream, EVENT_FLUSH, EventStream};
 pub use maps::{MapOp, PolicyEntryKey, RuleCounterKey, VerdictCounterKey};
 use moat_common::{
     Config, Counter, CtKey, CtValue, EndpointInfo, EventState, IpcacheValue, LAYOUT_VERSION,

@@ -3,8 +3,10 @@
 //! every namespace) as the endpoint's interface; nothing is attached anywhere.
 mod support;
 
-use moat_common::{Counter, action, event_kind, identity, mark, reason, verdict};
-use moat_datapath::{Datapath, Hook, MapOp, RuleCounterKey, VerdictCounterKey};
+use std::time::Duration;
+
+use moat_common::{Counter, Event, action, capacity, event_kind, identity, mark, reason, verdict};
+use moat_datapath::{Datapath, EVENT_FLUSH, Hook, MapOp, RuleCounterKey, VerdictCounterKey};
 use support::*;
 
 const OK: u32 = 0;
@@ -672,6 +674,65 @@ fn events_are_rate_limited_and_counters_stay_exact() {
     assert_eq!(stats.suppressed, 995);
     assert_eq!(stats.lost, 0);
     assert_eq!(dp.take_events().unwrap().drain().len(), 5);
+}
+
+/// Events go into the ring without waking its reader until `EVENTS_WAKEUP_BYTES` are unread
+/// (a wake-up per event cost an interrupt and a reader context switch each): an edge-triggered
+/// epoll on the ring sees nothing for a lone event and one wake-up for a burst past the mark.
+#[test]
+fn events_wake_the_reader_only_once_a_batch_has_gathered() {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    let (_root, mut dp) = setup("wakeup", &[INGRESS]);
+    let mut events = dp.take_events().unwrap();
+    let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
+    epoll
+        .add(
+            &events,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0),
+        )
+        .unwrap();
+    let wait = |ms: u16| {
+        let mut ready = [EpollEvent::empty()];
+        epoll.wait(&mut ready, EpollTimeout::from(ms)).unwrap()
+    };
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(OUTSIDE, 80)), SHOT);
+    assert_eq!(wait(300), 0, "a lone event woke the reader");
+
+    // Records are the event and an 8-byte header.
+    let burst = (capacity::EVENTS_WAKEUP_BYTES as usize / (size_of::<Event>() + 8)) as u32 + 1;
+    let r = dp
+        .test_run(Hook::ToEndpoint, &syn_in(OUTSIDE, 80), IFINDEX, 0, burst)
+        .unwrap();
+    assert_eq!(r.action, SHOT);
+    assert_eq!(
+        wait(10_000),
+        1,
+        "a burst past the mark did not wake the reader"
+    );
+    let stats = dp.event_stats().unwrap();
+    assert_eq!((stats.emitted, stats.lost), (burst as u64 + 1, 0));
+    assert_eq!(events.drain().len(), burst as usize + 1);
+}
+
+/// The async reader gets a lone event, which never wakes it: it looks on its own every
+/// `EVENT_FLUSH`.
+#[tokio::test]
+async fn the_async_reader_gets_a_lone_event_without_a_wake_up() {
+    let (_root, mut dp) = setup("lone", &[INGRESS]);
+    let mut events = dp.take_events().unwrap().into_async().unwrap();
+    let reader = tokio::spawn(async move { events.next().await });
+    // The reader finds the ring empty and waits before the event is made.
+    tokio::time::sleep(EVENT_FLUSH / 5).await;
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(OUTSIDE, 80)), SHOT);
+    let ev = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the lone event was never read")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ev.kind, ev.reason),
+        (event_kind::DROP, reason::DEFAULT_DENY)
+    );
 }
 
 #[test]
