@@ -73,7 +73,7 @@ bench-agent: build
 bench-compiler: toolchain
 	$(CARGO) run $(PROFILE) -p moat --example bench-compiler
 
-# Root, ~15 min: iperf3/wrk/nginx through a lab node with no filter, moat, iptables and
+# Root, ~30 min: iperf3/wrk/nginx through a lab node with no filter, moat, iptables and
 # nftables (interleaved runs; MOAT_BENCH_RUNS, _SECONDS, _CONFIGS shorten it).
 .PHONY: bench-throughput
 bench-throughput: toolchain debs
