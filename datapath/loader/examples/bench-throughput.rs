@@ -1656,8 +1656,8 @@ fn main() {
             with BPF_ENABLE_STATS on; bpf_ns_per_run = the programs' kernel run time / their \
             runs, bpf_cpu_share = that run time / the machine's busy CPU time (/proc/stat \
             user+nice+system+irq+softirq) over the measurement, bpf_busiest_cpu_share = that \
-            run time / the busiest CPU's busy time (exact if every run was on that CPU, \
-            an upper bound of the share on any one CPU); *_over_floor: moat-10k minus tc-floor"),
+            run time / the busiest CPU's busy time (the programs' share of that CPU if every \
+            run was on it); *_over_floor: moat-10k minus tc-floor"),
         "machine": {"cpus": cpus, "kernel": kernel.trim(), "load_before": load_before,
             "load_after": load_after},
         "results": results,
