@@ -184,9 +184,9 @@ pub mod capacity {
     /// Rule ids are dense in `1..MAX_RULE_IDS` (0 means "no rule").
     pub const MAX_RULE_IDS: u32 = 1 << 15;
     pub const EVENTS_BYTES: u32 = 1 << 20;
-    /// Unread event bytes at which a producer wakes the reader (about 800 events): below it
-    /// events are submitted without a wake-up, and the reader looks on its own every
-    /// `moat_datapath::EVENT_FLUSH`.
+    /// Unread event bytes at which a producer wakes the reader (about 740 events of 88 bytes
+    /// with their record header): below it events are submitted without a wake-up, and the
+    /// reader looks on its own every `moat_datapath::EVENT_FLUSH`.
     pub const EVENTS_WAKEUP_BYTES: u64 = EVENTS_BYTES as u64 / 16;
 }
 
