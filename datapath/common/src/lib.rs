@@ -128,8 +128,15 @@ pub mod ep_flags {
     /// and cleared after the last is removed. Missing it fails closed: the destination's
     /// `to_endpoint` drops a flow that should have gone through the proxy.
     pub const L7: u32 = 1 << 10;
+    /// Hint: the rule set's any-peer entries in this direction (if any) only allow, in both
+    /// the Enforce and the Enforce+Audit view. An exact-peer entry that allows (or more) in
+    /// both views then decides alone, since ties go to the exact-peer entry, and the any-peer
+    /// probe is skipped: one hash lookup less for most new flows. Cleared before the first
+    /// any-peer entry that redirects or denies is written, set after the last is removed or
+    /// rewritten to allow.
+    pub const ANY_PEER_ALLOWS: u32 = 1 << 12;
     /// The hint bits, which the loader owns.
-    pub const HINTS: u32 = (NO_TRIE | NO_ANY_PEER | L7) * 0b11;
+    pub const HINTS: u32 = (NO_TRIE | NO_ANY_PEER | L7 | ANY_PEER_ALLOWS) * 0b11;
 }
 
 /// The flag `base` (from [`ep_flags`]) for `dir`.

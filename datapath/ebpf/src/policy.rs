@@ -107,14 +107,21 @@ pub fn decide(ep: &EndpointInfo, dir: u8, peer: &IpcacheValue, pkt: &Packet) -> 
     let trie = ep.flags & ep_flag(ep_flags::NO_TRIE, dir) == 0;
     let exact = probe(&key, trie).unwrap_or_default();
     // The node is always allowed to reach its endpoints (kubelet probes) unless a rule names
-    // the host itself: wildcard-peer entries do not apply to it.
-    let any =
-        if peer.identity == identity::HOST || ep.flags & ep_flag(ep_flags::NO_ANY_PEER, dir) != 0 {
-            PolicyValue::default()
-        } else {
-            key.peer = identity::ANY;
-            probe(&key, trie).unwrap_or_default()
-        };
+    // the host itself: wildcard-peer entries do not apply to it. An exact-peer entry that
+    // allows in both views wins every tie, so when the any-peer entries only allow they
+    // cannot change its decision or its rule.
+    let decided = ep.flags & ep_flag(ep_flags::ANY_PEER_ALLOWS, dir) != 0
+        && exact.action >= action::ALLOW
+        && exact.audit_action >= action::ALLOW;
+    let any = if decided
+        || peer.identity == identity::HOST
+        || ep.flags & ep_flag(ep_flags::NO_ANY_PEER, dir) != 0
+    {
+        PolicyValue::default()
+    } else {
+        key.peer = identity::ANY;
+        probe(&key, trie).unwrap_or_default()
+    };
 
     let (act, rule_id, proxy_port) = if any.action > exact.action {
         (any.action, any.rule_id, any.proxy_port)

@@ -1,11 +1,13 @@
 //! Hints in endpoint flags, derived from the policy entries of the endpoint's rule set:
 //! `ep_flags::NO_TRIE` / `NO_ANY_PEER` (no trie entries / no any-peer entries in a direction:
-//! the kernel skips those probes, most of the cost of a lookup at scale) and `ep_flags::L7`
-//! (redirect entries exist: steering hooks must look the destination's policy up).
+//! the kernel skips those probes, most of the cost of a lookup at scale),
+//! `ep_flags::ANY_PEER_ALLOWS` (no any-peer entry redirects or denies: an exact-peer allow
+//! decides alone) and `ep_flags::L7` (redirect entries exist: steering hooks must look the
+//! destination's policy up).
 //!
 //! The loader owns the hints so that no caller can get them wrong. Endpoints are rewritten
-//! *before* the first entry of a class is written and *after* the last one is removed, so no
-//! intermediate state skips a live entry or misses a redirect.
+//! *before* the first entry of a class is written and *after* the last one is removed (or
+//! rewritten out of it), so no intermediate state skips a live entry or misses a redirect.
 use std::collections::{BTreeMap, BTreeSet};
 
 use moat_common::{EndpointInfo, PolicyValue, action, ep_flag, ep_flags, identity, policy_prefix};
@@ -20,12 +22,18 @@ pub(crate) struct Hints {
     any_peer: BTreeMap<(u32, u8), BTreeSet<PolicyEntryKey>>,
     /// Redirect entries per (rule set, direction).
     redirect: BTreeMap<(u32, u8), BTreeSet<PolicyEntryKey>>,
+    /// Any-peer entries that redirect or deny, in either view, per (rule set, direction).
+    any_peer_above_allow: BTreeMap<(u32, u8), BTreeSet<PolicyEntryKey>>,
     /// Endpoints as the caller set them (hint bits clear), by ifindex.
     endpoints: BTreeMap<u32, EndpointInfo>,
 }
 
 fn is_redirect(v: &PolicyValue) -> bool {
     v.action == action::REDIRECT
+}
+
+fn above_allow(v: &PolicyValue) -> bool {
+    v.action > action::ALLOW || v.audit_action > action::ALLOW
 }
 
 fn class(k: &PolicyEntryKey) -> ((u32, u8), bool, bool) {
@@ -61,6 +69,7 @@ impl Hints {
             (trie, &mut self.trie),
             (any, &mut self.any_peer),
             (redirect, &mut self.redirect),
+            (any && above_allow(v), &mut self.any_peer_above_allow),
         ] {
             if hit {
                 let set = sets.entry(sd).or_default();
@@ -72,14 +81,15 @@ impl Hints {
     }
 
     /// Forget `k` in the classes listed; true when a class became empty.
-    fn remove(&mut self, k: &PolicyEntryKey, classes: [bool; 3]) -> bool {
+    fn remove(&mut self, k: &PolicyEntryKey, classes: [bool; 4]) -> bool {
         let (sd, _, _) = class(k);
         let mut last = false;
-        for (hit, sets) in
-            classes
-                .into_iter()
-                .zip([&mut self.trie, &mut self.any_peer, &mut self.redirect])
-        {
+        for (hit, sets) in classes.into_iter().zip([
+            &mut self.trie,
+            &mut self.any_peer,
+            &mut self.redirect,
+            &mut self.any_peer_above_allow,
+        ]) {
             if hit && let Some(set) = sets.get_mut(&sd) {
                 last |= set.remove(k) && set.is_empty();
             }
@@ -100,6 +110,13 @@ impl Hints {
             }
             if self.redirect.get(&sd).is_some_and(|s| !s.is_empty()) {
                 flags |= ep_flag(ep_flags::L7, dir);
+            }
+            if self
+                .any_peer_above_allow
+                .get(&sd)
+                .is_none_or(BTreeSet::is_empty)
+            {
+                flags |= ep_flag(ep_flags::ANY_PEER_ALLOWS, dir);
             }
         }
         EndpointInfo { flags, ..info }
@@ -128,13 +145,14 @@ impl Hints {
         }
     }
 
-    /// After an entry was written: an entry that stopped being a redirect may end its class.
+    /// After an entry was written: an entry that stopped being a redirect, or an any-peer
+    /// entry that went down to allow, may end its class.
     pub(crate) fn after_upsert(
         &mut self,
         k: &PolicyEntryKey,
         v: &PolicyValue,
     ) -> Vec<(u32, EndpointInfo)> {
-        if !is_redirect(v) && self.remove(k, [false, false, true]) {
+        if self.remove(k, [false, false, !is_redirect(v), !above_allow(v)]) {
             self.rewrites(k.key.subject)
         } else {
             Vec::new()
@@ -143,7 +161,7 @@ impl Hints {
 
     /// Record an entry just removed; returns endpoints to rewrite now.
     pub(crate) fn after_remove(&mut self, k: &PolicyEntryKey) -> Vec<(u32, EndpointInfo)> {
-        if self.remove(k, [true, true, true]) {
+        if self.remove(k, [true; 4]) {
             self.rewrites(k.key.subject)
         } else {
             Vec::new()
@@ -169,5 +187,108 @@ pub(crate) fn strip(info: EndpointInfo) -> EndpointInfo {
     EndpointInfo {
         flags: info.flags & !ep_flags::HINTS,
         ..info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use moat_common::{PolicyKey, direction};
+
+    use super::*;
+
+    const RULESET: u32 = 5;
+    const IFINDEX: u32 = 3;
+    const PEER: u32 = 400;
+
+    fn key(peer: u32) -> PolicyEntryKey {
+        PolicyEntryKey {
+            key: PolicyKey {
+                subject: RULESET,
+                peer,
+                direction: direction::INGRESS,
+                protocol: 6,
+                dport: 80u16.to_be_bytes(),
+            },
+            prefix_len: policy_prefix::FULL,
+        }
+    }
+
+    fn value(action: u8, audit_action: u8) -> PolicyValue {
+        PolicyValue {
+            action,
+            audit_action,
+            ..PolicyValue::default()
+        }
+    }
+
+    fn with_endpoint() -> Hints {
+        let mut h = Hints::default();
+        let info = EndpointInfo {
+            endpoint_id: 1,
+            ruleset_id: RULESET,
+            ..EndpointInfo::default()
+        };
+        h.set_endpoint(IFINDEX, info);
+        h
+    }
+
+    /// The endpoint's ANY_PEER_ALLOWS hint for ingress, as it would be written now.
+    fn allows_only(h: &Hints) -> bool {
+        let info = h.endpoints[&IFINDEX];
+        h.with_hints(info).flags & ep_flag(ep_flags::ANY_PEER_ALLOWS, direction::INGRESS) != 0
+    }
+
+    /// Applies an upsert the way `Datapath::apply_one` does; returns the hint the kernel
+    /// sees while the entry is written, and after.
+    fn upsert(h: &mut Hints, k: PolicyEntryKey, v: PolicyValue) -> (bool, bool) {
+        let before = h.before_upsert(&k, &v);
+        let during = before.last().map_or(allows_only(h), |(_, i)| {
+            i.flags & ep_flag(ep_flags::ANY_PEER_ALLOWS, direction::INGRESS) != 0
+        });
+        h.after_upsert(&k, &v);
+        (during, allows_only(h))
+    }
+
+    #[test]
+    fn any_peer_allows_is_cleared_before_a_stronger_any_peer_entry_lands() {
+        let mut h = with_endpoint();
+        assert!(allows_only(&h), "no any-peer entry at all");
+        // Exact-peer entries of any action leave the hint alone.
+        assert_eq!(
+            upsert(&mut h, key(PEER), value(action::DENY, action::DENY)),
+            (true, true)
+        );
+        // An any-peer allow keeps it.
+        let any = key(identity::ANY);
+        assert_eq!(
+            upsert(&mut h, any, value(action::ALLOW, action::ALLOW)),
+            (true, true)
+        );
+        // The same entry turned into a deny: the hint goes before the write.
+        let before = h.before_upsert(&any, &value(action::DENY, action::DENY));
+        assert_eq!(before.len(), 1, "the endpoint is rewritten first");
+        assert_eq!(
+            before[0].1.flags & ep_flag(ep_flags::ANY_PEER_ALLOWS, direction::INGRESS),
+            0
+        );
+        h.after_upsert(&any, &value(action::DENY, action::DENY));
+        assert!(!allows_only(&h));
+        // Back to allow: the hint returns only after the write.
+        assert_eq!(
+            upsert(&mut h, any, value(action::ALLOW, action::ALLOW)),
+            (false, true)
+        );
+        // Only the audit view redirects or denies: that counts too.
+        assert_eq!(
+            upsert(&mut h, any, value(action::ALLOW, action::DENY)),
+            (false, false)
+        );
+        assert_eq!(
+            upsert(&mut h, any, value(action::NONE, action::REDIRECT)),
+            (false, false)
+        );
+        // Removed: the hint returns.
+        h.after_remove(&any);
+        assert!(allows_only(&h));
     }
 }

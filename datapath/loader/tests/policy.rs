@@ -148,14 +148,33 @@ fn allow_deny_and_default_deny_with_attribution() {
 fn deny_beats_allow_across_exact_and_any_peer() {
     let (_root, mut dp) = setup("denywins", &[INGRESS]);
     allow_ingress(&mut dp, PEER_IDENTITY, TCP, 80, 16, 7);
-    dp.apply(&[MapOp::PolicyUpsert(
-        pkey(RULESET, identity::ANY, INGRESS, TCP, 80, 16),
-        pval(action::DENY, 8),
-    )])
-    .unwrap();
-    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), SHOT);
+    // While the any-peer entry only allows, the exact-peer allow decides alone (the any-peer
+    // probe is skipped) and, winning the tie, is charged.
+    let any = pkey(RULESET, identity::ANY, INGRESS, TCP, 80, 16);
+    dp.apply(&[MapOp::PolicyUpsert(any, pval(action::ALLOW, 8))])
+        .unwrap();
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn_in(PEER, 80)), OK);
+    assert_eq!(rule_count(&dp, 7, verdict::FORWARDED).packets, 1);
+    assert_eq!(rule_count(&dp, 8, verdict::FORWARDED).packets, 0);
+    // The same any-peer entry rewritten to deny: the skip must stop.
+    dp.apply(&[MapOp::PolicyUpsert(any, pval(action::DENY, 8))])
+        .unwrap();
+    let syn = packet(v4(PEER), v4(ME), tcp(SYN, 40001, 80));
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn), SHOT);
     assert_eq!(rule_count(&dp, 8, verdict::DROPPED).packets, 1);
     assert_eq!(verdicts(&dp, INGRESS, verdict::DROPPED, reason::POLICY), 1);
+    // A deny only in the audit view is reported, and so also ends the skip.
+    dp.apply(&[MapOp::PolicyUpsert(
+        any,
+        moat_common::PolicyValue {
+            audit_action: action::DENY,
+            ..pval(action::ALLOW, 8)
+        },
+    )])
+    .unwrap();
+    let syn = packet(v4(PEER), v4(ME), tcp(SYN, 40002, 80));
+    assert_eq!(run(&dp, Hook::ToEndpoint, &syn), OK);
+    assert_eq!(verdicts(&dp, INGRESS, verdict::AUDIT, reason::POLICY), 1);
 }
 
 #[test]
