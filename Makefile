@@ -79,7 +79,7 @@ bench-compiler: toolchain
 bench-throughput: toolchain debs
 	$(CARGO) run $(PROFILE) -p moat-datapath --example bench-throughput
 
-# Root, ~5 min: HTTP through a lab node with wrk and a paced client, direct vs moat's L7 proxy
+# Root, ~6 min: HTTP through a lab node with wrk and a paced client, direct vs moat's L7 proxy
 # vs nginx as reverse proxy (configs in bench/l7/). Needs the agent binary (build first),
 # wrk and nginx (debs).
 .PHONY: bench-l7
