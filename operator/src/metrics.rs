@@ -50,6 +50,31 @@ pub struct MapFill {
 /// L7 verdict counts by (rule id or none, method, verdict).
 pub type L7Counts = BTreeMap<(Option<u32>, String, &'static str), u64>;
 
+/// The L7 proxy's own counters (besides its per-request ones in [`L7Counts`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L7ProxyCounts {
+    pub connections_accepted: u64,
+    pub connections_rejected: u64,
+    pub connections_active: u64,
+    pub upstream_errors: u64,
+    pub events_suppressed: u64,
+    pub events_dropped: u64,
+}
+
+impl From<&crate::l7::L7Stats> for L7ProxyCounts {
+    fn from(s: &crate::l7::L7Stats) -> Self {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        L7ProxyCounts {
+            connections_accepted: get(&s.connections_accepted),
+            connections_rejected: get(&s.connections_rejected),
+            connections_active: get(&s.connections_active),
+            upstream_errors: get(&s.upstream_errors),
+            events_suppressed: get(&s.events_suppressed),
+            events_dropped: get(&s.events_dropped),
+        }
+    }
+}
+
 /// Everything read from the kernel and the reconciler for one scrape.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -65,6 +90,7 @@ pub struct Snapshot {
     /// changed; each is also reported as an Event and in `moat status`).
     pub overflows: u64,
     pub l7: L7Counts,
+    pub l7_proxy: L7ProxyCounts,
 }
 
 #[derive(Debug)]
@@ -179,6 +205,43 @@ impl Collector for SnapshotCollector {
                     *n,
                 )
             }),
+        )?;
+        let p = &s.l7_proxy;
+        for (name, help, value) in [
+            (
+                "moat_l7_connections",
+                "Client connections the L7 proxy accepted and served.",
+                p.connections_accepted,
+            ),
+            (
+                "moat_l7_connections_rejected",
+                "Client connections the L7 proxy closed at accept: the connection cap was \
+                 reached.",
+                p.connections_rejected,
+            ),
+            (
+                "moat_l7_upstream_errors",
+                "Upstream connections the L7 proxy could not make (answered 502).",
+                p.upstream_errors,
+            ),
+            (
+                "moat_l7_events_suppressed",
+                "L7 flow events held back by the per-worker rate limit (counters stay exact).",
+                p.events_suppressed,
+            ),
+            (
+                "moat_l7_events_lost",
+                "L7 flow events dropped because the agent's flow feed was full.",
+                p.events_dropped,
+            ),
+        ] {
+            counter_family(&mut encoder, name, help, [(vec![], value)])?;
+        }
+        gauge(
+            &mut encoder,
+            "moat_l7_connections_active",
+            "Client connections open in the L7 proxy.",
+            p.connections_active as i64,
         )?;
         counter_family(
             &mut encoder,

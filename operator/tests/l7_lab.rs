@@ -193,6 +193,17 @@ spec:
             .any(|l| l.starts_with("moat_l7_requests_total") && l.contains("verdict=\"denied\"")),
         "denials counted"
     );
+    // The proxy's own counters: the connections it served, none refused, no event held back.
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+    };
+    assert!(value("moat_l7_connections_total") >= 1.0);
+    assert_eq!(value("moat_l7_connections_rejected_total"), 0.0);
+    assert_eq!(value("moat_l7_events_suppressed_total"), 0.0);
+    assert!(value("moat_l7_connections_active") >= 0.0);
 }
 
 /// Egress HTTP rules of the tiefighters toward the deathstar, whose own ingress policy only

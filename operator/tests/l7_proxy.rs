@@ -682,6 +682,30 @@ async fn l7_event_channel_overflow_is_counted() {
 }
 
 #[tokio::test]
+async fn l7_events_are_rate_limited_and_counters_stay_exact() {
+    let cfg = ProxyConfig {
+        // One worker: its bucket is the only one.
+        workers: 1,
+        event_limit: moat::l7::EventLimit { rate: 0, burst: 3 },
+        ..ProxyConfig::unprivileged()
+    };
+    let mut h = Harness::start_with(&state(None, None), cfg).await;
+    let mut c = h.client().await;
+    for i in 0..10 {
+        c.send(&get(&format!("/{i}"))).await;
+        expect_status(&mut c, 403).await;
+    }
+    let paths: Vec<String> = h.drain_events().into_iter().map(|e| e.path).collect();
+    assert_eq!(paths, ["/0", "/1", "/2"], "the burst, then nothing");
+    let suppressed = h
+        .stats
+        .events_suppressed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(suppressed, 7);
+    assert_eq!(h.stats.total(L7Verdict::Denied), 10);
+}
+
+#[tokio::test]
 async fn l7_dual_stack_listener_reports_ipv4_as_ipv4() {
     // The production resolver on a plain dual-stack listener: the "original destination" is
     // the listener itself, and the flow is governed by nothing, so it is denied (never looped).

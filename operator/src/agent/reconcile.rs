@@ -174,7 +174,9 @@ impl Reconciler {
             identities: self.out.status.borrow().identities as u64,
             map_writes: self.writes,
             overflows: self.out.status.borrow().overflows.len() as u64,
+            // Filled by the metrics endpoint, which holds the proxy's counters.
             l7: Default::default(),
+            l7_proxy: Default::default(),
         }
     }
 

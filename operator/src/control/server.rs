@@ -71,7 +71,9 @@ async fn metrics(ctx: Arc<ServerContext>) -> Result<warp::reply::Response, Infal
             .body("the reconciler is not running\n".into())
             .expect("static response"));
     };
-    for (key, n) in ctx.l7_stats.borrow().requests() {
+    let l7 = ctx.l7_stats.borrow().clone();
+    snapshot.l7_proxy = crate::metrics::L7ProxyCounts::from(&*l7);
+    for (key, n) in l7.requests() {
         *snapshot
             .l7
             .entry((key.rule_id, key.method.to_owned(), key.verdict.as_str()))

@@ -1,15 +1,20 @@
 //! What the proxy reports: one [`L7Event`] per verdict on a bounded channel (flows, `moat
 //! observe`), and counters the metrics endpoint reads (`moat_l7_requests_total`).
 //!
-//! Events are sent with `try_send`: a slow consumer loses events (counted in
-//! [`L7Stats::events_dropped`]) but never slows requests down. Counters are exact.
+//! Counters are exact. Events are rate-limited per worker thread, as the datapath limits its
+//! events per CPU ([`EventLimit`]; held back ones counted in [`L7Stats::events_suppressed`]),
+//! and sent with `try_send`: a slow consumer loses events (counted in
+//! [`L7Stats::events_dropped`]) but never slows requests down. An event held back is never
+//! built: under load, building, sending and recording one per request (two strings, a clock
+//! read, the agent's flow history) cost the proxy more than its counters.
 
 use super::policy::Direction;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
 
 /// The outcome of one request.
@@ -91,6 +96,8 @@ pub struct L7Stats {
     requests: RwLock<HashMap<RequestKey, AtomicU64>>,
     /// Events lost because the channel was full or closed.
     pub events_dropped: AtomicU64,
+    /// Events held back by the rate limit ([`EventLimit`]).
+    pub events_suppressed: AtomicU64,
     /// Connections accepted and served.
     pub connections_accepted: AtomicU64,
     /// Connections closed at accept because the concurrency cap was reached.
@@ -144,25 +151,105 @@ impl L7Stats {
     }
 }
 
+/// The event rate limit of each proxy worker thread: a token bucket of `burst` events,
+/// refilled at `rate` per second. The defaults are the datapath's per-CPU ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventLimit {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+impl Default for EventLimit {
+    fn default() -> Self {
+        let d = moat_common::Config::DEFAULT;
+        EventLimit {
+            rate: d.event_rate,
+            burst: d.event_burst,
+        }
+    }
+}
+
+/// A worker thread's bucket: tokens left and when it was last refilled.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+thread_local! {
+    /// Each worker serves its connections on its own thread, so a thread-local bucket is a
+    /// per-worker one that no other thread writes.
+    static BUCKET: Cell<Option<Bucket>> = const { Cell::new(None) };
+}
+
+impl EventLimit {
+    /// Takes a token from this thread's bucket (full at first use) if one is left.
+    fn admit(&self, now: Instant) -> bool {
+        let burst = f64::from(self.burst);
+        let mut b = BUCKET.get().unwrap_or(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * f64::from(self.rate)).min(burst);
+        b.at = now;
+        let admitted = b.tokens >= 1.0;
+        if admitted {
+            b.tokens -= 1.0;
+        }
+        BUCKET.set(Some(b));
+        admitted
+    }
+}
+
 /// Where verdicts go: counters always, events when a channel is attached.
 #[derive(Clone, Debug)]
 pub(crate) struct Reporter {
     pub stats: std::sync::Arc<L7Stats>,
     pub events: Option<mpsc::Sender<L7Event>>,
+    pub limit: EventLimit,
 }
 
 impl Reporter {
-    pub fn report(&self, ev: L7Event) {
-        self.stats.count(RequestKey {
-            rule_id: ev.rule_id,
-            direction: ev.direction,
-            verdict: ev.verdict,
-            method: method_label(&ev.method),
-        });
-        if let Some(tx) = &self.events
-            && tx.try_send(ev).is_err()
-        {
+    /// Counts the verdict `key`, then sends the event `build` makes if the rate limit lets
+    /// it through.
+    pub fn report(&self, key: RequestKey, build: impl FnOnce() -> L7Event) {
+        self.stats.count(key);
+        let Some(tx) = &self.events else {
+            return;
+        };
+        if !self.limit.admit(Instant::now()) {
+            self.stats.events_suppressed.fetch_add(1, Ordering::Relaxed);
+        } else if tx.try_send(build()).is_err() {
             self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_bucket_starts_full_and_refills_at_the_rate() {
+        // A thread of its own: the bucket is per thread.
+        std::thread::spawn(|| {
+            let limit = EventLimit {
+                rate: 100,
+                burst: 3,
+            };
+            let t0 = Instant::now();
+            let taken = (0..5).filter(|_| limit.admit(t0)).count();
+            assert_eq!(taken, 3, "the burst, then nothing");
+            // 10 ms at 100/s: one more token.
+            assert!(limit.admit(t0 + Duration::from_millis(10)));
+            assert!(!limit.admit(t0 + Duration::from_millis(10)));
+            // A long pause refills no more than the burst.
+            let later = t0 + Duration::from_secs(60);
+            assert_eq!((0..5).filter(|_| limit.admit(later)).count(), 3);
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -22,6 +22,6 @@ pub mod path;
 pub mod policy;
 pub mod proxy;
 
-pub use events::{L7Event, L7Stats, L7Verdict, RequestKey};
+pub use events::{EventLimit, L7Event, L7Stats, L7Verdict, RequestKey};
 pub use policy::{Direction, L7Policy};
 pub use proxy::{FixedUpstream, Flow, FlowResolver, Proxy, ProxyConfig, SourceMode, Transparent};

@@ -27,7 +27,7 @@
 //! - upstream connect failure or a broken response: 502 (if no final response head was sent
 //!   yet) and close.
 
-use super::events::{L7Event, L7Stats, L7Verdict, Reporter};
+use super::events::{EventLimit, L7Event, L7Stats, L7Verdict, Reporter, RequestKey, method_label};
 use super::framing::{
     BodyKind, ChunkLimits, ChunkedDecoder, HeadLimits, Reject, RequestContext, RequestHead,
     parse_request_head, parse_response_head,
@@ -98,6 +98,8 @@ pub struct ProxyConfig {
     /// are: a connection stays on the thread it was handed to at accept, so the wake-ups of
     /// its two sockets never cross threads and no task is stolen. 0: one per CPU.
     pub workers: usize,
+    /// Events each worker sends at most (counters stay exact).
+    pub event_limit: EventLimit,
 }
 
 impl Default for ProxyConfig {
@@ -123,6 +125,7 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(5),
             backlog: 1024,
             workers: 0,
+            event_limit: EventLimit::default(),
         }
     }
 }
@@ -263,6 +266,7 @@ impl Proxy {
     ) -> io::Result<Proxy> {
         let listener = bind_listener(&cfg)?;
         let stats = Arc::new(L7Stats::default());
+        let limit = cfg.event_limit;
         Ok(Proxy {
             listener,
             shared: Shared {
@@ -272,13 +276,15 @@ impl Proxy {
                 reporter: Reporter {
                     stats: stats.clone(),
                     events: None,
+                    limit,
                 },
             },
             stats,
         })
     }
 
-    /// Sends an [`L7Event`] per verdict on `events` (dropped and counted when full).
+    /// Sends an [`L7Event`] per verdict on `events`, up to [`ProxyConfig::event_limit`] (dropped
+    /// and counted when full).
     pub fn with_events(mut self, events: mpsc::Sender<L7Event>) -> Self {
         self.shared.reporter.events = Some(events);
         self
@@ -835,7 +841,13 @@ impl Conn {
         rule_id: Option<u32>,
         direction: Option<Direction>,
     ) {
-        self.shared.reporter.report(L7Event {
+        let key = RequestKey {
+            rule_id,
+            direction,
+            verdict,
+            method: method_label(head.map_or("", |h| h.method.as_str())),
+        };
+        self.shared.reporter.report(key, || L7Event {
             time: SystemTime::now(),
             src: self.flow.client,
             dst: self.flow.original_dst,
