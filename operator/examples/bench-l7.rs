@@ -734,9 +734,10 @@ fn main() -> anyhow::Result<()> {
     );
     let vs_nginx = per_round(&|r| rps[m][r] / rps[n][r]);
     let vs_direct = per_round(&|r| rps[m][r] / rps[d][r]);
-    let added_p99: Vec<f64> = latency
+    // Per load, moat's p99 minus direct's in each round.
+    let added_p99: Vec<Vec<f64>> = latency
         .iter()
-        .map(|l| per_round(&|r| l.p99[m][r] - l.p99[d][r]))
+        .map(|l| (0..ROUNDS).map(|r| l.p99[m][r] - l.p99[d][r]).collect())
         .collect();
 
     let figure = |name: String, metric: &str, v: &[f64], params: serde_json::Value| {
@@ -785,11 +786,13 @@ fn main() -> anyhow::Result<()> {
     }
     // Reported, not judged: what moat adds at the light load.
     for (l, added) in latency.iter().zip(&added_p99).skip(1) {
-        results.push(
-            json!({"name": format!("added_p99_ms{}", l.suffix), "metric": "ms",
-            "value": added, "runs": ROUNDS, "params": {"offered_rps": l.rate,
-            "from": "median over the rounds of moat_p99_ms - direct_p99_ms of the same round"}}),
-        );
+        results.push(figure(
+            format!("added_p99_ms{}", l.suffix),
+            "ms",
+            added,
+            json!({"offered_rps": l.rate,
+                   "from": "moat_p99_ms - direct_p99_ms of the same round"}),
+        ));
     }
     let target = |name: &str, value: f64, op: &str, limit: f64, from: &str| {
         let met = if op == ">=" {
@@ -816,7 +819,7 @@ fn main() -> anyhow::Result<()> {
         ),
         target(
             "added_p99_ms",
-            added_p99[0],
+            median(&added_p99[0]),
             "<=",
             1.0,
             "median over the rounds of moat_p99_ms - direct_p99_ms of the same round",
@@ -877,8 +880,9 @@ fn main() -> anyhow::Result<()> {
     }
     for (l, added) in latency.iter().zip(&added_p99).skip(1) {
         println!(
-            "added_p99_ms at {:.0} req/s (reported, not judged): {added:.3}",
-            l.rate
+            "added_p99_ms at {:.0} req/s (reported, not judged): {:.3}",
+            l.rate,
+            median(added)
         );
     }
     for t in &targets {

@@ -203,7 +203,11 @@ spec:
     assert!(value("moat_l7_connections_total") >= 1.0);
     assert_eq!(value("moat_l7_connections_rejected_total"), 0.0);
     assert_eq!(value("moat_l7_events_suppressed_total"), 0.0);
-    assert!(value("moat_l7_connections_active") >= 0.0);
+    let (active, total) = (
+        value("moat_l7_connections_active"),
+        value("moat_l7_connections_total"),
+    );
+    assert!((0.0..=total).contains(&active), "{active} of {total}");
 }
 
 /// Egress HTTP rules of the tiefighters toward the deathstar, whose own ingress policy only

@@ -5,8 +5,8 @@
 //! events per CPU ([`EventLimit`]; held back ones counted in [`L7Stats::events_suppressed`]),
 //! and sent with `try_send`: a slow consumer loses events (counted in
 //! [`L7Stats::events_dropped`]) but never slows requests down. An event held back is never
-//! built: under load, building, sending and recording one per request (two strings, a clock
-//! read, the agent's flow history) cost the proxy more than its counters.
+//! built: under load, one per request means two strings, a clock read and a channel send in
+//! the proxy, and an entry in the agent's flow history, per request.
 
 use super::policy::Direction;
 use std::cell::Cell;
