@@ -4,8 +4,9 @@
 mod agent_support;
 
 use agent_support::*;
+use moat::lab::Lab;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_millis(800);
@@ -52,6 +53,24 @@ spec:
 "#
     )
 }
+
+/// Egress HTTP rules of the tiefighters toward the deathstar.
+const EGRESS_HTTP: &str = r#"apiVersion: moat.dev/v1alpha1
+kind: MoatNetworkPolicy
+metadata: {name: tiefighter-http, namespace: default}
+spec:
+  podSelector:
+    matchLabels: {class: tiefighter}
+  egress:
+  - to:
+    - podSelector:
+        matchLabels: {class: deathstar}
+    ports:
+    - {port: 80, protocol: TCP}
+    http:
+    - {method: POST, path: /v1/request-landing}
+    - {method: GET, pathPrefix: /v1/}
+"#;
 
 /// Send one request on an open connection and read one Content-Length-framed response.
 fn exchange(s: &mut TcpStream, method: &str, path: &str, headers: &str) -> (u16, String) {
@@ -219,26 +238,7 @@ spec:
 fn egress_http_rules_toward_another_node_keep_the_client_identity() {
     let s = scenario(TOPOLOGY);
     let mut lab = up(&s, &[]);
-    write_source_file(
-        &lab,
-        "egress.yaml",
-        r#"apiVersion: moat.dev/v1alpha1
-kind: MoatNetworkPolicy
-metadata: {name: tiefighter-http, namespace: default}
-spec:
-  podSelector:
-    matchLabels: {class: tiefighter}
-  egress:
-  - to:
-    - podSelector:
-        matchLabels: {class: deathstar}
-    ports:
-    - {port: 80, protocol: TCP}
-    http:
-    - {method: POST, path: /v1/request-landing}
-    - {method: GET, pathPrefix: /v1/}
-"#,
-    );
+    write_source_file(&lab, "egress.yaml", EGRESS_HTTP);
     write_source_file(
         &lab,
         "ingress.yaml",
@@ -289,6 +289,52 @@ spec:
     }
     // Each node counted its denials with the policy whose HTTP rules made them: the
     // deathstar's node its ingress rules', the interceptor's node its egress rules'.
+    for (node, policy) in [(0, "deathstar-http"), (1, "tiefighter-http")] {
+        let metrics = get(&lab.agents()[node].socket, "/metrics").1;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("moat_l7_requests_total")
+                    && l.contains("verdict=\"denied\"")
+                    && l.contains(&format!("policy=\"{policy}\""))),
+            "node {node}: denials counted with policy {policy}: {metrics}"
+        );
+    }
+}
+
+/// The same paths over IPv6 (the agent's fwmark routing and the socket lookups are per
+/// family): ingress HTTP rules from the same node and from the other node, then the
+/// interceptor's egress HTTP rules in front of them, which takes its proxy's upstream across
+/// the nodes from the client's IPv6 address and its replies back through `from_uplink`.
+#[test]
+fn http_rules_over_ipv6() {
+    let s = scenario(TOPOLOGY);
+    let mut lab = up(&s, &[]);
+    write_source_file(&lab, "l7.yaml", &l7_policy("/v1/none"));
+    lab.wait_programmed().unwrap();
+    let deathstar = SocketAddr::new(ip6(&lab, "default/deathstar"), 80);
+    let connect6 = |lab: &Lab, from: &str| {
+        connect_addr(&pod_ns(lab, from), deathstar, T)
+            .unwrap_or_else(|| panic!("{from}: connect to the deathstar over IPv6"))
+    };
+    for from in ["default/tiefighter", "default/interceptor"] {
+        keep_alive_mix(&mut connect6(&lab, from), from);
+    }
+
+    write_source_file(&lab, "egress.yaml", EGRESS_HTTP);
+    lab.wait_programmed().unwrap();
+    for from in ["default/tiefighter", "default/interceptor"] {
+        let mut conn = connect6(&lab, from);
+        for (method, path, want) in [
+            ("POST", "/v1/request-landing", 200),
+            ("GET", "/v1/status/shields", 404),
+            ("GET", "/v1/ships/x", 403),
+            ("PUT", "/v1/exhaust-port", 403),
+        ] {
+            let (status, body) = exchange(&mut conn, method, path, "");
+            assert_eq!(status, want, "{from}: {method} {path}: {body:?}");
+        }
+    }
     for (node, policy) in [(0, "deathstar-http"), (1, "tiefighter-http")] {
         let metrics = get(&lab.agents()[node].socket, "/metrics").1;
         assert!(

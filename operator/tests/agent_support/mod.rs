@@ -76,6 +76,15 @@ pub fn ip(lab: &Lab, pod: &str) -> IpAddr {
     )
 }
 
+pub fn ip6(lab: &Lab, pod: &str) -> IpAddr {
+    IpAddr::V6(
+        lab.plan()
+            .pod(pod)
+            .unwrap_or_else(|| panic!("pod {pod}"))
+            .ip6,
+    )
+}
+
 pub fn pod_ns(lab: &Lab, pod: &str) -> String {
     lab.plan().pod(pod).expect("pod").netns.clone()
 }
