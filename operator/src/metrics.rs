@@ -59,6 +59,7 @@ pub struct L7ProxyCounts {
     pub upstream_errors: u64,
     pub events_suppressed: u64,
     pub events_dropped: u64,
+    pub restarts: u64,
 }
 
 impl From<&crate::l7::L7Stats> for L7ProxyCounts {
@@ -71,6 +72,7 @@ impl From<&crate::l7::L7Stats> for L7ProxyCounts {
             upstream_errors: get(&s.upstream_errors),
             events_suppressed: get(&s.events_suppressed),
             events_dropped: get(&s.events_dropped),
+            restarts: get(&s.restarts),
         }
     }
 }
@@ -233,6 +235,12 @@ impl Collector for SnapshotCollector {
                 "moat_l7_events_lost",
                 "L7 flow events dropped because the agent's flow feed was full.",
                 p.events_dropped,
+            ),
+            (
+                "moat_l7_proxy_restarts",
+                "Times the agent restarted the L7 proxy after it stopped or panicked (redirected \
+                 flows are dropped while it is down).",
+                p.restarts,
             ),
         ] {
             counter_family(&mut encoder, name, help, [(vec![], value)])?;

@@ -222,6 +222,7 @@ spec:
     assert!(value("moat_l7_connections_total") >= 1.0);
     assert_eq!(value("moat_l7_connections_rejected_total"), 0.0);
     assert_eq!(value("moat_l7_events_suppressed_total"), 0.0);
+    assert_eq!(value("moat_l7_proxy_restarts_total"), 0.0);
     let (active, total) = (
         value("moat_l7_connections_active"),
         value("moat_l7_connections_total"),

@@ -1,8 +1,12 @@
 //! Running the L7 proxy on the node: the policy routing that delivers socket-assigned packets
 //! to the local stack, and the proxy itself, restarted if it ever stops while the agent runs.
 use std::{
+    io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -95,33 +99,104 @@ fn ignore_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error
     }
 }
 
-/// Serve the transparent proxy on `[::]:port` until `shutdown`, restarting it (after a short
-/// pause) if it fails. While it is down the datapath drops redirected flows (fail closed).
+/// How long a stopped proxy stays down before it is started again: long enough that a proxy
+/// failing at once does not spin, short enough that redirected flows (dropped meanwhile) come
+/// back quickly.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// Serve the transparent proxy on `[::]:port` until `shutdown`, restarting it if it stops: an
+/// error (its listener cannot be bound, a worker thread died) or a panic. While it is down the
+/// datapath drops redirected flows (fail closed). `stats` outlive each instance.
 pub async fn run_proxy(
     port: u16,
     policy: watch::Receiver<Arc<L7Policy>>,
     events: mpsc::Sender<L7Event>,
-    stats: watch::Sender<Arc<L7Stats>>,
+    stats: Arc<L7Stats>,
     shutdown: CancellationToken,
 ) {
     let cfg = ProxyConfig {
         listen: SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)),
         ..ProxyConfig::default()
     };
-    while !shutdown.is_cancelled() {
-        match Proxy::bind(cfg.clone(), policy.clone(), Arc::new(Transparent)) {
-            Ok(proxy) => {
-                let proxy = proxy.with_events(events.clone());
-                stats.send_replace(proxy.stats());
-                if let Err(e) = proxy.run(shutdown.clone()).await {
-                    error!("L7 proxy stopped: {e}; restarting");
+    let (token, counters) = (shutdown.clone(), stats.clone());
+    supervise(RESTART_PAUSE, &stats.restarts, shutdown, move || {
+        let (cfg, policy, events) = (cfg.clone(), policy.clone(), events.clone());
+        let (counters, token) = (counters.clone(), token.clone());
+        async move {
+            let proxy = Proxy::bind(cfg, policy, Arc::new(Transparent)).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on port {port}: {e}"))
+            })?;
+            proxy
+                .with_events(events)
+                .with_stats(counters)
+                .run(token)
+                .await
+        }
+    })
+    .await
+}
+
+/// Runs what `start` makes, each time on a task of its own so that a panic ends only that
+/// run, until `shutdown`; whenever a run ends otherwise (an error, a panic, or an early
+/// return) it is logged, counted in `restarts`, and started again after `pause`.
+async fn supervise<F, Fut>(
+    pause: Duration,
+    restarts: &AtomicU64,
+    shutdown: CancellationToken,
+    mut start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<()>> + Send + 'static,
+{
+    loop {
+        let ended = tokio::spawn(start()).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match ended {
+            Ok(Ok(())) => error!("L7 proxy stopped; restarting"),
+            Ok(Err(e)) => error!("L7 proxy stopped: {e}; restarting"),
+            Err(e) => error!("L7 proxy failed: {e}; restarting"),
+        }
+        restarts.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A run that panics, one that fails and one that returns early are each restarted and
+    /// counted; the one running at shutdown ends the supervision without a restart.
+    #[tokio::test]
+    async fn a_stopped_or_panicked_proxy_is_restarted_until_shutdown() {
+        let restarts = AtomicU64::new(0);
+        let shutdown = CancellationToken::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (token, counted) = (shutdown.clone(), runs.clone());
+        let supervised = supervise(Duration::from_millis(1), &restarts, shutdown, move || {
+            let (run, token) = (counted.fetch_add(1, Ordering::SeqCst), token.clone());
+            async move {
+                match run {
+                    0 => panic!("injected: the first run panics"),
+                    1 => Err(io::Error::other("injected: the second run fails")),
+                    2 => Ok(()),
+                    _ => {
+                        token.cancel();
+                        Ok(())
+                    }
                 }
             }
-            Err(e) => error!("L7 proxy cannot listen on port {port}: {e}; retrying"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+        });
+        tokio::time::timeout(Duration::from_secs(10), supervised)
+            .await
+            .expect("supervision ends at shutdown");
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+        assert_eq!(restarts.load(Ordering::Relaxed), 3);
     }
 }

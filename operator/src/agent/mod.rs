@@ -102,7 +102,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }));
     let (flow_ctx_tx, flow_ctx_rx) = watch::channel(Arc::new(FlowContext::default()));
     let (l7_policy_tx, l7_policy_rx) = watch::channel(Arc::new(L7Policy::empty()));
-    let (l7_stats_tx, l7_stats_rx) = watch::channel(Arc::new(L7Stats::default()));
+    let l7_stats = Arc::new(L7Stats::default());
     let (l7_events_tx, l7_events_rx) = tokio::sync::mpsc::channel(4096);
     let metrics = AgentMetrics::default();
     let flows = FlowHub::default();
@@ -119,7 +119,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.proxy_port,
         l7_policy_rx,
         l7_events_tx,
-        l7_stats_tx,
+        l7_stats.clone(),
         proxy_stop.clone(),
     ));
     // No --uplink: the default route's interface (a standalone source may still name its own).
@@ -186,7 +186,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         requests: req_tx,
         metrics,
         flows,
-        l7_stats: l7_stats_rx,
+        l7_stats,
     }));
     let mut stop = stop_rx.clone();
     let control_path = cfg.control_socket.clone();

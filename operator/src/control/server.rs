@@ -19,8 +19,8 @@ pub struct ServerContext {
     pub requests: mpsc::Sender<Request>,
     pub metrics: AgentMetrics,
     pub flows: FlowHub,
-    /// The running proxy's counters (replaced when the proxy restarts).
-    pub l7_stats: watch::Receiver<Arc<crate::l7::L7Stats>>,
+    /// The L7 proxy's counters, kept by the agent across proxy restarts.
+    pub l7_stats: Arc<crate::l7::L7Stats>,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -71,8 +71,8 @@ async fn metrics(ctx: Arc<ServerContext>) -> Result<warp::reply::Response, Infal
             .body("the reconciler is not running\n".into())
             .expect("static response"));
     };
-    let l7 = ctx.l7_stats.borrow().clone();
-    snapshot.l7_proxy = crate::metrics::L7ProxyCounts::from(&*l7);
+    let l7: &crate::l7::L7Stats = &ctx.l7_stats;
+    snapshot.l7_proxy = crate::metrics::L7ProxyCounts::from(l7);
     for (key, n) in l7.requests() {
         *snapshot
             .l7

@@ -106,6 +106,8 @@ pub struct L7Stats {
     pub connections_active: AtomicU64,
     /// Upstream connects that failed (answered 502).
     pub upstream_errors: AtomicU64,
+    /// Times the agent started the proxy again after it stopped or panicked.
+    pub restarts: AtomicU64,
 }
 
 impl L7Stats {

@@ -283,6 +283,14 @@ impl Proxy {
         })
     }
 
+    /// Counts into `stats` instead of fresh counters: the agent keeps one set across proxy
+    /// restarts, so its exported counters never go back.
+    pub fn with_stats(mut self, stats: Arc<L7Stats>) -> Self {
+        self.shared.reporter.stats = stats.clone();
+        self.stats = stats;
+        self
+    }
+
     /// Sends an [`L7Event`] per verdict on `events`, up to [`ProxyConfig::event_limit`] (dropped
     /// and counted when full).
     pub fn with_events(mut self, events: mpsc::Sender<L7Event>) -> Self {
@@ -350,8 +358,15 @@ impl Proxy {
                         let Ok(stream) = stream.into_std() else {
                             continue;
                         };
-                        // A worker only stops on shutdown: a refused hand-over closes it.
-                        let _ = queues[next].send((stream, permit));
+                        // A worker only stops on shutdown, or if it panicked: then this
+                        // proxy is broken, and its caller starts a new one (the other
+                        // workers finish their connections once the queues are gone).
+                        if queues[next].send((stream, permit)).is_err() {
+                            if shutdown.is_cancelled() {
+                                break;
+                            }
+                            return Err(io::Error::other(format!("worker {next} stopped")));
+                        }
                         next = (next + 1) % workers;
                     }
                     // Out of descriptors or memory, or a connection reset before accept:
