@@ -221,8 +221,7 @@ async fn l7_rule_7_match_all_beside_http_rule() {
     c.send(&req("PUT", "/x/y", "X: 1\r\n", "data")).await;
     expect_status(&mut c, 200).await;
     drop(c);
-    let ev = h.drain_events();
-    assert_eq!(ev.len(), 2);
+    let ev = h.events(2).await;
     assert_eq!(ev[0].rule_id, Some(5), "lowest matching rule id reported");
     assert_eq!(ev[1].rule_id, Some(9));
     assert!(ev.iter().all(|e| e.verdict == L7Verdict::Allowed));
@@ -244,7 +243,7 @@ async fn l7_both_ends_decide() {
     c.send(&req("POST", "/a", "", "x")).await;
     expect_status(&mut c, 403).await;
     assert_eq!(h.upstream.targets(), ["GET /a"]);
-    let ev = h.drain_events();
+    let ev = h.events(4).await;
     let brief: Vec<_> = ev
         .iter()
         .map(|e| (e.direction, e.verdict, e.rule_id, e.status))
@@ -285,7 +284,7 @@ async fn l7_ungoverned_flow_fails_closed_without_connecting() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
-    let ev = h.drain_events();
+    let ev = h.events(2).await;
     assert!(
         ev.iter()
             .all(|e| e.direction.is_none() && e.verdict == L7Verdict::Denied)
@@ -611,7 +610,7 @@ async fn l7_workers_serve_their_connections_and_all_drain_on_shutdown() {
 
 #[tokio::test]
 async fn l7_upstream_down_is_502() {
-    let mut h = Harness::start(&state(Some(vec![matcher(1)]), None)).await;
+    let h = Harness::start(&state(Some(vec![matcher(1)]), None)).await;
     // Point the resolver at a closed port by restarting with a dead upstream.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();
@@ -643,7 +642,6 @@ async fn l7_upstream_down_is_502() {
     );
     stop.cancel();
     drop(tx);
-    h.drain_events();
 }
 
 #[tokio::test]
@@ -695,7 +693,7 @@ async fn l7_events_are_rate_limited_and_counters_stay_exact() {
         c.send(&get(&format!("/{i}"))).await;
         expect_status(&mut c, 403).await;
     }
-    let paths: Vec<String> = h.drain_events().into_iter().map(|e| e.path).collect();
+    let paths: Vec<String> = h.events(3).await.into_iter().map(|e| e.path).collect();
     assert_eq!(paths, ["/0", "/1", "/2"], "the burst, then nothing");
     let suppressed = h
         .stats

@@ -205,12 +205,12 @@ impl TestUpstream {
     }
 
     async fn read_more(&self, s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
-        let mut tmp = [0u8; 65536];
-        match s.read(&mut tmp).await {
+        let start = buf.len();
+        buf.reserve(READ_CHUNK);
+        match s.read_buf(buf).await {
             Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.raw.lock().unwrap().extend_from_slice(&tmp[..n]);
-                buf.extend_from_slice(&tmp[..n]);
+            Ok(_) => {
+                self.raw.lock().unwrap().extend_from_slice(&buf[start..]);
                 true
             }
         }
@@ -430,6 +430,10 @@ pub struct Client {
 }
 
 const WAIT: Duration = Duration::from_secs(10);
+/// Bytes read at most per call, into a buffer's spare capacity: an array of this size on the
+/// stack would live in every future that awaits a read, which overflowed the test thread's
+/// stack in debug builds.
+const READ_CHUNK: usize = 64 * 1024;
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
@@ -449,12 +453,9 @@ impl Client {
     }
 
     async fn more(&mut self) -> bool {
-        let mut tmp = [0u8; 65536];
-        match tokio::time::timeout(WAIT, self.stream.read(&mut tmp)).await {
-            Ok(Ok(n)) if n > 0 => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                true
-            }
+        self.buf.reserve(READ_CHUNK);
+        match tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf)).await {
+            Ok(Ok(n)) if n > 0 => true,
             Ok(_) => false,
             Err(_) => panic!("no response within {WAIT:?}"),
         }
@@ -618,10 +619,19 @@ impl Harness {
     }
 
     /// Events received so far.
-    pub fn drain_events(&mut self) -> Vec<L7Event> {
-        let mut v = Vec::new();
-        while let Ok(e) = self.events.try_recv() {
-            v.push(e);
+    /// The next `n` events, and no more yet. An allowed request's event carries the
+    /// response's status, so the proxy sends it once the response head is through: it may
+    /// still be on its way when the client has read the response.
+    pub async fn events(&mut self, n: usize) -> Vec<L7Event> {
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            match tokio::time::timeout(WAIT, self.events.recv()).await {
+                Ok(Some(e)) => v.push(e),
+                _ => panic!("{} events within {WAIT:?}, expected {n}: {v:?}", v.len()),
+            }
+        }
+        if let Ok(extra) = self.events.try_recv() {
+            panic!("more than {n} events: {v:?}, then {extra:?}");
         }
         v
     }
