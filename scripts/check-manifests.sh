@@ -5,7 +5,9 @@
 #    or kubectl binary can build it) and each file the kustomization lists;
 # 2. the moat CRs of config/samples validate against the generated CRD schemas (jsonschema);
 # 3. shellcheck on scripts/*.sh (warnings and errors fail; info/style notes are shown);
-# 4. every COPY source of the Dockerfile exists.
+# 4. every COPY source of the Dockerfile exists;
+# 5. the alerting rules (config/prometheus/prometheusrule.yaml) pass `promtool check rules` and
+#    their unit tests (config/prometheus/alerts-test.yaml, `promtool test rules`).
 # Exits non-zero on any finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +77,32 @@ shellcheck --severity=warning scripts/*.sh || finding "shellcheck found problems
 while read -r src; do
   [ -e "$src" ] || finding "Dockerfile copies $src, which does not exist"
 done < <(awk 'toupper($1)=="COPY" && $0 !~ /--from=/ { for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i }' Dockerfile)
+
+# 5. Alerting rules: promtool checks the PrometheusRule's groups and runs their unit tests.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "check-manifests: installing prometheus (promtool)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
+rules_dir=$(mktemp -d)
+if "$PY" - "$rules_dir/moat-rules.yaml" <<'PYEOF'
+import sys
+import yaml
+rule = yaml.safe_load(open("config/prometheus/prometheusrule.yaml"))
+if (rule.get("apiVersion"), rule.get("kind")) != ("monitoring.coreos.com/v1", "PrometheusRule"):
+    sys.exit("config/prometheus/prometheusrule.yaml is not a monitoring.coreos.com/v1 PrometheusRule")
+with open(sys.argv[1], "w") as f:
+    yaml.safe_dump(rule["spec"], f)
+PYEOF
+then
+  cp config/prometheus/alerts-test.yaml "$rules_dir/"
+  promtool check rules "$rules_dir/moat-rules.yaml" >/dev/null \
+    || finding "promtool check rules: config/prometheus/prometheusrule.yaml is invalid"
+  (cd "$rules_dir" && promtool test rules alerts-test.yaml) \
+    || finding "promtool test rules: config/prometheus/alerts-test.yaml fails"
+else
+  finding "config/prometheus/prometheusrule.yaml cannot be read"
+fi
+rm -rf "$rules_dir"
 
 if [ "$failed" != 0 ]; then
   echo "check-manifests: FAILED" >&2

@@ -3,7 +3,9 @@
 //! `--metrics-addr 127.0.0.1:9962` there (nothing is bound in the root namespace); the test
 //! sends a known number of allowed, denied and audited datagrams and finds the per-rule
 //! counters equal to them through Prometheus's HTTP API, default-deny drops charged to the
-//! isolating policy; `promtool check metrics` on a scrape; `moat observe` shows exactly the
+//! isolating policy; moat's alerting rules (config/prometheus/prometheusrule.yaml) load,
+//! evaluate cleanly, name only exported metrics and stay silent on the healthy node;
+//! `promtool check metrics` on a scrape; `moat observe` shows exactly the
 //! provoked flows; a flood of drops overflows the event rate limit, is counted, and never
 //! stalls traffic.
 
@@ -20,6 +22,8 @@ use std::time::Duration;
 const T: Duration = Duration::from_millis(700);
 const METRICS: &str = "127.0.0.1:9962";
 const PROM: &str = "127.0.0.1:19090";
+/// The job of config/prometheus/scrape-config.yaml, which the alerts select on.
+const JOB: &str = "moat-agent";
 
 const N_ALLOW: usize = 7;
 const N_DENY: usize = 5;
@@ -83,13 +87,19 @@ fn start_prometheus(node_ns: &str) -> Prometheus {
         )
     });
     let dir = tempfile::tempdir().unwrap();
+    // moat's alerting rules, as a plain Prometheus is told to take them: the PrometheusRule's
+    // `spec` (JSON is YAML).
+    let rules = dir.path().join("moat-rules.yaml");
+    std::fs::write(&rules, alert_groups().to_string()).unwrap();
     let cfg = dir.path().join("prometheus.yml");
     std::fs::write(
         &cfg,
         format!(
-            "global: {{scrape_interval: 1s, scrape_timeout: 900ms}}\n\
+            "global: {{scrape_interval: 1s, scrape_timeout: 900ms, evaluation_interval: 1s}}\n\
+             rule_files: ['{}']\n\
              scrape_configs:\n\
-             - job_name: moat\n  static_configs:\n  - targets: ['{METRICS}']\n"
+             - job_name: {JOB}\n  static_configs:\n  - targets: ['{METRICS}']\n",
+            rules.display()
         ),
     )
     .unwrap();
@@ -109,6 +119,17 @@ fn start_prometheus(node_ns: &str) -> Prometheus {
         .spawn()
         .expect("start prometheus");
     Prometheus { child, _dir: dir }
+}
+
+/// The `spec` of config/prometheus/prometheusrule.yaml: its rule groups.
+fn alert_groups() -> serde_json::Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/prometheus/prometheusrule.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let rule: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    rule["spec"].clone()
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
@@ -237,7 +258,50 @@ fn prometheus_per_rule_counters_promtool_and_observe() {
     assert_eq!(active.len(), 1, "{targets}");
     assert_eq!(active[0]["health"], "up", "{targets}");
     assert_eq!(active[0]["lastError"], "", "{targets}");
-    assert_eq!(prom_scalar(&node, "up{job=\"moat\"}"), Some(1.0));
+    assert_eq!(
+        prom_scalar(&node, &format!("up{{job=\"{JOB}\"}}")),
+        Some(1.0)
+    );
+
+    // The alerting rules load and evaluate without error, every metric they name is on the
+    // agent's scrape, and none fires or is pending on this healthy node.
+    // Evaluated after this point, they saw the samples queried above.
+    let since = std::time::SystemTime::now();
+    let want_rules = alert_groups()["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .len();
+    let rules = poll(
+        "prometheus evaluated every alerting rule",
+        Duration::from_secs(30),
+        || {
+            let v = prom_get(&node, "/api/v1/rules?type=alert")?;
+            let rules = v["data"]["groups"][0]["rules"].as_array()?.clone();
+            let evaluated = rules.len() == want_rules
+                && rules.iter().all(|r| {
+                    r["lastEvaluation"]
+                        .as_str()
+                        .and_then(|t| humantime::parse_rfc3339(t).ok())
+                        .is_some_and(|t| t > since)
+                });
+            evaluated.then_some(rules)
+        },
+    );
+    for r in &rules {
+        assert_eq!(r["health"], "ok", "{r}");
+        assert_eq!(r["state"], "inactive", "{r}");
+        let query = r["query"].as_str().unwrap();
+        for name in query
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("moat_"))
+        {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "alert {} uses {name}, which the agent does not export",
+                r["name"]
+            );
+        }
+    }
     drop(prom);
 
     // promtool on a scrape of the TCP endpoint (made in the node namespace).
