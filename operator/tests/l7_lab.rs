@@ -134,6 +134,22 @@ fn keep_alive_mix(s: &mut TcpStream, from: &str) {
     }
 }
 
+/// Each node counted its denials with the policy whose HTTP rules made them: the deathstar's
+/// node (0) its ingress rules', the interceptor's node (1) its egress rules'.
+fn denials_counted_by_each_side(lab: &Lab) {
+    for (node, policy) in [(0, "deathstar-http"), (1, "tiefighter-http")] {
+        let metrics = get(&lab.agents()[node].socket, "/metrics").1;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("moat_l7_requests_total")
+                    && l.contains("verdict=\"denied\"")
+                    && l.contains(&format!("policy=\"{policy}\""))),
+            "node {node}: denials counted with policy {policy}: {metrics}"
+        );
+    }
+}
+
 #[test]
 fn http_rules_same_node_and_cross_node() {
     let s = scenario(TOPOLOGY);
@@ -288,19 +304,7 @@ spec:
         let (status, body) = exchange(&mut conn, method, path, headers);
         assert_eq!(status, want, "interceptor: {method} {path}: {body:?}");
     }
-    // Each node counted its denials with the policy whose HTTP rules made them: the
-    // deathstar's node its ingress rules', the interceptor's node its egress rules'.
-    for (node, policy) in [(0, "deathstar-http"), (1, "tiefighter-http")] {
-        let metrics = get(&lab.agents()[node].socket, "/metrics").1;
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("moat_l7_requests_total")
-                    && l.contains("verdict=\"denied\"")
-                    && l.contains(&format!("policy=\"{policy}\""))),
-            "node {node}: denials counted with policy {policy}: {metrics}"
-        );
-    }
+    denials_counted_by_each_side(&lab);
 }
 
 /// The same paths over IPv6 (the agent's fwmark routing and the socket lookups are per
@@ -336,15 +340,5 @@ fn http_rules_over_ipv6() {
             assert_eq!(status, want, "{from}: {method} {path}: {body:?}");
         }
     }
-    for (node, policy) in [(0, "deathstar-http"), (1, "tiefighter-http")] {
-        let metrics = get(&lab.agents()[node].socket, "/metrics").1;
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("moat_l7_requests_total")
-                    && l.contains("verdict=\"denied\"")
-                    && l.contains(&format!("policy=\"{policy}\""))),
-            "node {node}: denials counted with policy {policy}: {metrics}"
-        );
-    }
+    denials_counted_by_each_side(&lab);
 }
