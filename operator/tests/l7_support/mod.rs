@@ -618,7 +618,6 @@ impl Harness {
             .send_replace(Arc::new(L7Policy::from_state(state)));
     }
 
-    /// Events received so far.
     /// The next `n` events, and no more yet. An allowed request's event carries the
     /// response's status, so the proxy sends it once the response head is through: it may
     /// still be on its way when the client has read the response.
