@@ -6,6 +6,7 @@
 use moat::agent::status::AgentStatus;
 use moat::control::client;
 use moat::lab::agents::{self, Agent, AgentSpec};
+use moat::lab::plan::PodPlan;
 use moat::lab::state::LabState;
 use moat::lab::{Lab, LabOptions, LabScenario, ProbeOptions, netns};
 use std::ffi::OsString;
@@ -67,26 +68,21 @@ pub fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -
     }
 }
 
+/// The lab's plan for `pod`.
+fn plan_of<'a>(lab: &'a Lab, pod: &str) -> &'a PodPlan {
+    lab.plan().pod(pod).unwrap_or_else(|| panic!("pod {pod}"))
+}
+
 pub fn ip(lab: &Lab, pod: &str) -> IpAddr {
-    IpAddr::V4(
-        lab.plan()
-            .pod(pod)
-            .unwrap_or_else(|| panic!("pod {pod}"))
-            .ip4,
-    )
+    IpAddr::V4(plan_of(lab, pod).ip4)
 }
 
 pub fn ip6(lab: &Lab, pod: &str) -> IpAddr {
-    IpAddr::V6(
-        lab.plan()
-            .pod(pod)
-            .unwrap_or_else(|| panic!("pod {pod}"))
-            .ip6,
-    )
+    IpAddr::V6(plan_of(lab, pod).ip6)
 }
 
 pub fn pod_ns(lab: &Lab, pod: &str) -> String {
-    lab.plan().pod(pod).expect("pod").netns.clone()
+    plan_of(lab, pod).netns.clone()
 }
 
 pub fn node_ns(lab: &Lab, node: usize) -> String {
