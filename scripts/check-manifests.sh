@@ -17,12 +17,12 @@ VENV=target/manifest-venv
 failed=0
 finding() { echo "check-manifests: $*" >&2; failed=1; }
 
+# python3-venv, shellcheck and promtool (prometheus), when the script runs outside `make test`.
+scripts/debs.sh
+
 if [ ! -x "$VENV/bin/kubernetes-validate" ]; then
   echo "check-manifests: installing kubernetes-validate into $VENV"
-  python3 -m venv "$VENV" 2>/dev/null || {
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$VENV"
-  }
+  python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r scripts/manifest-requirements.txt
 fi
 PY="$VENV/bin/python"
@@ -65,10 +65,6 @@ fi
 "$PY" scripts/check_crs.py || finding "moat custom resources or monitoring manifests are invalid"
 
 # 3. shellcheck.
-if ! command -v shellcheck >/dev/null 2>&1; then
-  echo "check-manifests: installing shellcheck"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
-fi
 # Info and style notes are shown; warnings and errors fail.
 shellcheck --severity=style scripts/*.sh || true
 shellcheck --severity=warning scripts/*.sh || finding "shellcheck found problems in scripts/"
@@ -79,10 +75,6 @@ while read -r src; do
 done < <(awk 'toupper($1)=="COPY" && $0 !~ /--from=/ { for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i }' Dockerfile)
 
 # 5. Alerting rules: promtool checks the PrometheusRule's groups and runs their unit tests.
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "check-manifests: installing prometheus (promtool)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
-fi
 rules_dir=$(mktemp -d)
 if "$PY" - "$rules_dir/moat-rules.yaml" <<'PYEOF'
 import sys
